@@ -1,0 +1,295 @@
+"""`CodebookConfig` and `Codebook`: a vector-quantization bottleneck that is itself a HookPoint.
+
+A `Codebook` replaces a TransformerLens `HookPoint` in a model. Because it *is* a HookPoint, hooks
+on the original name keep working (they see the codebook's output), and its three own hook
+points (`hook_codebook_in`, `hook_codes`, `hook_codebook_out`) are named `{site}.hook_...` by
+`HookedRootModule.setup()`, so `run_with_cache`, `run_with_hooks` and `generate` see codes for free.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from einops import pack, unpack
+from jaxtyping import Bool, Float, Int
+from torch import Tensor, nn
+from transformer_lens.hook_points import HookPoint
+
+from tl_codebook.snap import (
+    check_similarity,
+    code_scores,
+    gather_mean,
+    select_codes,
+    straight_through,
+)
+
+
+@dataclass
+class CodebookConfig:
+    """Everything that defines a codebook; saved as JSON next to its weights.
+
+    Defaults follow the paper's training setting (`aeloss`): the codes get the downstream
+    gradient plus the reconstruction gradient (`reconstruction_coef=1`), the input gets the pure
+    straight-through gradient (`commitment_coef=0`).
+    """
+
+    d_in: int
+    num_codes: int
+    k: int = 1
+    similarity: str = "inner_product"
+    n_groups: int = 1
+    hook_name: str | None = None
+    reconstruction_coef: float = 1.0
+    commitment_coef: float = 0.0
+    chunk_size: int = 1024
+    """(token, group) rows scored at once; peak extra memory is about chunk_size x num_codes floats."""
+    init_std: float = 1.0
+    """Std of the Gaussian initial codes (norm ~ init_std*sqrt(d_group)); see `Codebook`."""
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for name in ("d_in", "num_codes", "n_groups", "k", "chunk_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"CodebookConfig.{name} must be an integer >= 1, got {value!r}.")
+        if self.k > self.num_codes:
+            raise ValueError(
+                f"CodebookConfig.k={self.k} must be between 1 and num_codes={self.num_codes}."
+            )
+        check_similarity(self.similarity)
+        if self.d_in % self.n_groups:
+            divisors = [g for g in range(1, self.d_in + 1) if self.d_in % g == 0]
+            raise ValueError(
+                f"CodebookConfig.d_in={self.d_in} is not divisible by n_groups={self.n_groups}; "
+                f"valid n_groups for this d_in: {divisors[:12]}{' ...' if len(divisors) > 12 else ''}."
+            )
+        for name in ("reconstruction_coef", "commitment_coef", "init_std"):
+            value = getattr(self, name)
+            if not math.isfinite(value) or value < 0:
+                raise ValueError(f"CodebookConfig.{name} must be finite and >= 0, got {value!r}.")
+
+    @property
+    def d_group(self) -> int:
+        return self.d_in // self.n_groups
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> CodebookConfig:
+        """Build a config from a dict, refusing missing required keys and unknown keys."""
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - set(fields))
+        if unknown:
+            hints = {u: difflib.get_close_matches(u, list(fields), n=1) for u in unknown}
+            detail = ", ".join(f"{u!r}" + (f" (did you mean {h[0]!r}?)" if h else "") for u, h in hints.items())
+            raise ValueError(
+                f"Unknown CodebookConfig key(s): {detail}. Valid keys: {', '.join(fields)}."
+            )
+        required = [
+            n
+            for n, f in fields.items()
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        ]
+        missing = [n for n in required if n not in data]
+        if missing:
+            raise ValueError(f"CodebookConfig is missing required key(s): {', '.join(missing)}.")
+        return cls(**data)
+
+
+class Codebook(HookPoint):
+    """k-sparse, discrete bottleneck: each input vector becomes the mean of its k best codes.
+
+    Use it standalone (`cb(x)`, `cb.encode(x)`, `cb.decode(ids)`) or put it in a model at
+    `cfg.hook_name` with `HookedCodebookTransformer.add_codebook` / `attach_codebook`.
+
+    Initialisation: codes are i.i.d. N(0, init_std^2), like `nn.Embedding` and the reference
+    implementation. With unit std a code's norm is about sqrt(d_group), the scale of a
+    LayerNorm-ed activation, which is what joint training from scratch sees. Activations of
+    another scale (a frozen pretrained residual stream) train far better from a data-driven
+    start: call `init_from_activations` (random real inputs) or the trainer's k-means init.
+
+    Statistics (`code_hits`, `dead_codes`, `mean_squared_error`) are non-persistent buffers,
+    updated on every forward and cleared by `reset_stats()`.
+    """
+
+    def __init__(self, cfg: CodebookConfig):
+        super().__init__()
+        self.cfg = cfg
+        codes = torch.randn(cfg.n_groups, cfg.num_codes, cfg.d_group) * cfg.init_std
+        self.codes = nn.Parameter(codes)
+        self.hook_codebook_in = HookPoint()
+        self.hook_codes = HookPoint()
+        self.hook_codebook_out = HookPoint()
+        self.register_buffer(
+            "code_hits", torch.zeros(cfg.n_groups, cfg.num_codes, dtype=torch.long), persistent=False
+        )
+        self.register_buffer("tokens_seen", torch.zeros((), dtype=torch.long), persistent=False)
+        self.register_buffer(
+            "squared_error_sum", torch.zeros((), dtype=torch.float64), persistent=False
+        )
+        self.enabled = True
+        self.track_stats = True
+        self.ablated: Bool[Tensor, "n_groups num_codes"] | None = None
+
+    # -- shapes -----------------------------------------------------------------------------
+
+    def _grouped(self, x: Tensor) -> tuple[Tensor, list]:
+        """Flatten `[..., d_in]` or `[..., n_groups, d_group]` to `[rows, n_groups, d_group]`."""
+        cfg = self.cfg
+        if x.shape[-1] == cfg.d_in:
+            rows, ps = pack([x], "* d")
+            return rows.view(rows.shape[0], cfg.n_groups, cfg.d_group), ps
+        if x.ndim >= 2 and cfg.n_groups > 1 and tuple(x.shape[-2:]) == (cfg.n_groups, cfg.d_group):
+            rows, ps = pack([x], "* g d")
+            return rows, ps
+        accepted = f"[..., {cfg.d_in}]"
+        if cfg.n_groups > 1:
+            accepted += f" or [..., {cfg.n_groups}, {cfg.d_group}]"
+        where = f" at {cfg.hook_name!r}" if cfg.hook_name else ""
+        raise ValueError(
+            f"Codebook{where} expects input of shape {accepted}, got {tuple(x.shape)}."
+        )
+
+    def _lead_shape(self, x: Tensor) -> tuple[int, ...]:
+        if x.shape[-1] == self.cfg.d_in:
+            return tuple(x.shape[:-1])
+        return tuple(x.shape[:-2])
+
+    def check_ids(self, ids: Tensor) -> None:
+        """Raise a ValueError unless `ids` are valid code ids of shape [..., n_groups, k']."""
+        if ids.dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.bool):
+            raise TypeError(f"Code ids must be an integer tensor, got dtype {ids.dtype}.")
+        if ids.ndim < 2 or ids.shape[-2] != self.cfg.n_groups:
+            raise ValueError(
+                f"Code ids must have shape [..., n_groups={self.cfg.n_groups}, k], got {tuple(ids.shape)}."
+            )
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.cfg.num_codes):
+            raise ValueError(
+                f"Code ids must lie in [0, {self.cfg.num_codes}); got values from {int(ids.min())} "
+                f"to {int(ids.max())}."
+            )
+
+    # -- the public three -------------------------------------------------------------------
+
+    def encode(self, x: Float[Tensor, "..."]) -> Int[Tensor, "... n_groups k"]:
+        """Top-k code ids per group, best first (ablated codes are never chosen)."""
+        rows, _ = self._grouped(x)
+        ids = select_codes(
+            rows, self.codes, self.cfg.k, self.cfg.similarity, self.cfg.chunk_size, self.ablated
+        )
+        return ids.view(*self._lead_shape(x), self.cfg.n_groups, self.cfg.k)
+
+    def decode(self, ids: Int[Tensor, "... n_groups k"]) -> Float[Tensor, "... d_in"]:
+        """Per group, the mean of the chosen code vectors, concatenated to `[..., d_in]`."""
+        self.check_ids(ids)
+        flat, ps = pack([ids], "* g k")
+        out = gather_mean(flat, self.codes).reshape(flat.shape[0], self.cfg.d_in)
+        [out] = unpack(out, ps, "* d")
+        return out
+
+    def forward(self, x: Float[Tensor, "..."]) -> Float[Tensor, "..."]:
+        """Snap `x` (same shape out), running the three hook points along the way."""
+        if not self.enabled:
+            return x
+        x = self.hook_codebook_in(x)
+        rows, _ = self._grouped(x)
+        lead = self._lead_shape(x)
+        ids = select_codes(
+            rows, self.codes, self.cfg.k, self.cfg.similarity, self.cfg.chunk_size, self.ablated
+        )
+        ids = self.hook_codes(ids.view(*lead, self.cfg.n_groups, self.cfg.k))
+        self.check_ids(ids)
+        flat_ids = ids.reshape(rows.shape[0], self.cfg.n_groups, ids.shape[-1])
+        quantized = gather_mean(flat_ids, self.codes.to(x.dtype))
+        out = straight_through(
+            rows, quantized, self.cfg.commitment_coef, self.cfg.reconstruction_coef
+        )
+        if self.track_stats:
+            self._update_stats(rows, quantized, flat_ids)
+        return self.hook_codebook_out(out.reshape(x.shape))
+
+    def scores(self, x: Float[Tensor, "..."]) -> Float[Tensor, "... n_groups num_codes"]:
+        """The similarity of `x` to every code (materialises tokens x codes: for small inputs)."""
+        rows, _ = self._grouped(x)
+        return code_scores(rows, self.codes, self.cfg.similarity).view(
+            *self._lead_shape(x), self.cfg.n_groups, self.cfg.num_codes
+        )
+
+    # -- statistics ---------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def _update_stats(self, rows: Tensor, quantized: Tensor, ids: Tensor) -> None:
+        groups, num_codes = self.cfg.n_groups, self.cfg.num_codes
+        offsets = torch.arange(groups, device=ids.device).mul_(num_codes).view(1, groups, 1)
+        hits = torch.bincount((ids + offsets).flatten(), minlength=groups * num_codes)
+        self.code_hits += hits.view(groups, num_codes)
+        self.tokens_seen += rows.shape[0]
+        self.squared_error_sum += (quantized.detach() - rows.detach()).pow(2).sum().double()
+
+    def reset_stats(self) -> None:
+        self.code_hits.zero_()
+        self.tokens_seen.zero_()
+        self.squared_error_sum.zero_()
+
+    @property
+    def dead_codes(self) -> int:
+        """Codes not chosen once since the last `reset_stats()` (summed over groups)."""
+        return int((self.code_hits == 0).sum())
+
+    @property
+    def dead_fraction(self) -> float:
+        return self.dead_codes / self.code_hits.numel()
+
+    @property
+    def mean_squared_error(self) -> float:
+        """Mean over tokens and dimensions of (output - input)^2 since the last reset."""
+        n = int(self.tokens_seen) * self.cfg.d_in
+        return float(self.squared_error_sum) / n if n else float("nan")
+
+    # -- initialisation and io ---------------------------------------------------------------
+
+    @torch.no_grad()
+    def init_from_activations(
+        self, x: Float[Tensor, "..."], generator: torch.Generator | None = None
+    ) -> None:
+        """Set every code to a randomly chosen real input (per group), a start that trains well."""
+        rows, _ = self._grouped(x)
+        n = rows.shape[0]
+        idx = torch.randint(n, (self.cfg.num_codes,), generator=generator, device="cpu")
+        if n >= self.cfg.num_codes:
+            idx = torch.randperm(n, generator=generator)[: self.cfg.num_codes]
+        self.codes.copy_(rows[idx.to(rows.device)].transpose(0, 1).to(self.codes.dtype))
+
+    def save(self, path: str | Path) -> None:
+        from tl_codebook.io import save_codebook
+
+        save_codebook(self, path)
+
+    @classmethod
+    def load(cls, path: str | Path, device: str | torch.device | None = None) -> Codebook:
+        from tl_codebook.io import load_codebook
+
+        return load_codebook(path, device=device)
+
+    def to_sae(self):  # noqa: ANN201 - returns a sae_lens SAE; imported lazily
+        """This codebook as a SAELens SAE of architecture "codebook" (identical reconstructions)."""
+        from tl_codebook.comparisons.saelens import codebook_to_sae
+
+        return codebook_to_sae(self)
+
+    def extra_repr(self) -> str:
+        c = self.cfg
+        return (
+            f"hook_name={c.hook_name!r}, d_in={c.d_in}, num_codes={c.num_codes}, k={c.k}, "
+            f"similarity={c.similarity!r}, n_groups={c.n_groups}"
+        )
+
+    def __repr__(self) -> str:  # HookPoint overrides __repr__; restore nn.Module's
+        return nn.Module.__repr__(self)

@@ -1,0 +1,268 @@
+"""Putting codebooks into TransformerLens models: attach/detach on any HookedRootModule, and
+`HookedCodebookTransformer`, a HookedTransformer that owns codebooks at its hook points.
+
+A codebook replaces the `HookPoint` at its site (it is a HookPoint itself), then `setup()` is
+re-run so the model's hook dictionary names the codebook's own hook points. No parallel
+mechanism: caching, patching and generation go through TransformerLens' hooks.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformer_lens import HookedTransformer
+from transformer_lens.hook_points import HookPoint
+
+from tl_codebook.codebook import Codebook
+
+CODEBOOK_HOOK_SUFFIXES = ("hook_codebook_in", "hook_codes", "hook_codebook_out")
+_ORIGINALS_ATTR = "_tl_codebook_original_hook_points"
+
+
+class UnknownHookError(ValueError):
+    """A hook name that the model does not have; the message lists the closest valid names."""
+
+
+def unknown_hook_error(name: str, valid: Iterable[str], what: str = "hook point") -> UnknownHookError:
+    valid = list(valid)
+    close = difflib.get_close_matches(name, valid, n=5, cutoff=0.5)
+    if not close:  # fall back to names sharing the last component (e.g. all hook_mlp_out)
+        tail = name.rsplit(".", 1)[-1]
+        close = [v for v in valid if v.endswith(tail)][:5]
+    hint = f" Closest valid names: {', '.join(close)}." if close else ""
+    return UnknownHookError(f"The model has no {what} named {name!r}.{hint}")
+
+
+def codebooks_of(model: torch.nn.Module) -> dict[str, Codebook]:
+    """Every codebook in `model`, keyed by the hook name it sits at."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, Codebook)}
+
+
+def _parent_and_attr(model: torch.nn.Module, name: str) -> tuple[torch.nn.Module, str]:
+    parent_name, _, attr = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    return parent, attr
+
+
+class _ProbeDone(Exception):
+    pass
+
+
+def probe_activation_shape(model: HookedTransformer, hook_name: str) -> tuple[int, ...]:
+    """Shape of the activation at `hook_name` on a one-token input (the forward stops there)."""
+    seen: list[tuple[int, ...]] = []
+
+    def record(act: torch.Tensor, hook: HookPoint) -> None:
+        seen.append(tuple(act.shape))
+        raise _ProbeDone
+
+    tokens = torch.zeros(1, 1, dtype=torch.long, device=model.cfg.device)
+    try:
+        with torch.no_grad():
+            model.run_with_hooks(tokens, fwd_hooks=[(hook_name, record)])
+    except _ProbeDone:
+        pass
+    finally:
+        model.reset_hooks(including_permanent=False)
+    if not seen:
+        raise ValueError(f"The hook point {hook_name!r} is not reached by the model's forward pass.")
+    return seen[0]
+
+
+def attach_codebook(
+    model: torch.nn.Module,
+    codebook: Codebook,
+    hook_name: str | None = None,
+    check_width: bool = True,
+) -> Codebook:
+    """Put `codebook` at the HookPoint `hook_name` (default `codebook.cfg.hook_name`) of `model`.
+
+    Works on any HookedRootModule (HookedTransformer, HookedSAETransformer, ...). Raises
+    UnknownHookError (listing close names) for a name the model does not have, and ValueError
+    when the activation's width does not fit the codebook (checked with a one-token forward on
+    HookedTransformer models).
+    """
+    name = hook_name or codebook.cfg.hook_name
+    if name is None:
+        raise ValueError("No hook name: pass hook_name or set CodebookConfig.hook_name.")
+    if codebook.cfg.hook_name not in (None, name):
+        raise ValueError(
+            f"The codebook was configured for {codebook.cfg.hook_name!r} but is being attached at {name!r}."
+        )
+    hook_dict: Mapping[str, HookPoint] = model.hook_dict  # type: ignore[assignment]
+    if name not in hook_dict:
+        raise unknown_hook_error(name, hook_dict)
+    current = hook_dict[name]
+    if isinstance(current, Codebook):
+        raise ValueError(f"A codebook already sits at {name!r}; remove it first.")
+    if name.rsplit(".", 1)[-1] in CODEBOOK_HOOK_SUFFIXES:
+        raise ValueError(f"{name!r} is a codebook's own hook point; attach at a model hook point.")
+    if current.fwd_hooks or current.bwd_hooks:
+        raise ValueError(
+            f"The hook point {name!r} has hooks attached; remove them (model.reset_hooks("
+            "including_permanent=True)) before adding a codebook there."
+        )
+    if check_width and isinstance(model, HookedTransformer):
+        shape = probe_activation_shape(model, name)
+        try:
+            codebook._grouped(torch.empty(shape, device="meta"))
+        except ValueError as err:
+            raise ValueError(
+                f"Cannot attach at {name!r}: the activation there has shape {shape} "
+                f"(batch, pos, ...) but {err}"
+            ) from None
+    codebook.cfg.hook_name = name
+    parent, attr = _parent_and_attr(model, name)
+    originals: dict[str, HookPoint] = model.__dict__.setdefault(_ORIGINALS_ATTR, {})
+    originals[name] = current
+    param = next(model.parameters(), None)
+    if param is not None:
+        codebook.to(param.device)
+    setattr(parent, attr, codebook)
+    model.setup()  # type: ignore[operator]
+    return codebook
+
+
+def detach_codebook(model: torch.nn.Module, hook_name: str) -> Codebook:
+    """Take the codebook at `hook_name` out of `model`, restoring the original HookPoint."""
+    present = codebooks_of(model)
+    if hook_name not in present:
+        raise unknown_hook_error(hook_name, present, what="codebook")
+    codebook = present[hook_name]
+    codebook.remove_hooks("both", including_permanent=True)
+    for hp in (codebook.hook_codebook_in, codebook.hook_codes, codebook.hook_codebook_out):
+        hp.remove_hooks("both", including_permanent=True)
+    originals: dict[str, HookPoint] = model.__dict__.setdefault(_ORIGINALS_ATTR, {})
+    original = originals.pop(hook_name, None) or HookPoint()
+    parent, attr = _parent_and_attr(model, hook_name)
+    setattr(parent, attr, original)
+    model.setup()  # type: ignore[operator]
+    return codebook
+
+
+@contextmanager
+def codebooks_disabled(
+    model: torch.nn.Module, names: Iterable[str] | None = None
+) -> Iterator[None]:
+    """Bypass codebooks (all, or `names`) inside the block: the base model's exact behaviour."""
+    present = codebooks_of(model)
+    chosen = list(present) if names is None else list(names)
+    for name in chosen:
+        if name not in present:
+            raise unknown_hook_error(name, present, what="codebook")
+    before = {name: present[name].enabled for name in chosen}
+    try:
+        for name in chosen:
+            present[name].enabled = False
+        yield
+    finally:
+        for name, was in before.items():
+            present[name].enabled = was
+
+
+class HookedCodebookTransformer(HookedTransformer):
+    """A HookedTransformer with codebooks at any of its hook points.
+
+    Built like any HookedTransformer (`HookedCodebookTransformer(cfg)`, `.from_pretrained(name)`)
+    or wrapped around an existing one with `from_model` (weights shared, not copied).
+    """
+
+    _position_offset: int = 0
+    fine_tuned: bool = False
+    """Set by joint training: the base weights changed, so `save_codebooks` saves them too."""
+
+    @classmethod
+    def from_model(cls, model: HookedTransformer) -> HookedCodebookTransformer:
+        """Wrap `model`: a new module tree that shares every parameter and buffer with `model`.
+
+        Adding codebooks to the result leaves `model` untouched, while fine-tuning the result
+        trains `model`'s weights too (they are the same tensors).
+        """
+        if not isinstance(model, HookedTransformer):
+            raise TypeError(f"from_model expects a HookedTransformer, got {type(model).__name__}.")
+        memo: dict[int, Any] = {id(t): t for t in model.parameters()}
+        memo.update({id(t): t for t in model.buffers()})
+        memo[id(model.cfg)] = model.cfg
+        if model.tokenizer is not None:
+            memo[id(model.tokenizer)] = model.tokenizer
+        for hp in model.hook_dict.values():
+            if hp.fwd_hooks or hp.bwd_hooks:
+                raise ValueError(
+                    f"from_model: the model has hooks at {hp.name!r}; reset them first "
+                    "(model.reset_hooks(including_permanent=True))."
+                )
+        wrapped = copy.deepcopy(model, memo)
+        wrapped.__class__ = cls
+        wrapped.setup()
+        return wrapped  # type: ignore[return-value]
+
+    # -- codebooks ----------------------------------------------------------------------------
+
+    @property
+    def codebooks(self) -> dict[str, Codebook]:
+        """The codebooks in the model, keyed by hook name."""
+        return codebooks_of(self)
+
+    def add_codebook(self, codebook: Codebook, hook_name: str | None = None) -> Codebook:
+        """Put `codebook` at `hook_name` (default: its `cfg.hook_name`); see `attach_codebook`."""
+        return attach_codebook(self, codebook, hook_name)
+
+    def remove_codebooks(self, names: str | Iterable[str] | None = None) -> dict[str, Codebook]:
+        """Remove codebooks (all when `names` is None); returns the removed ones by name."""
+        chosen = list(self.codebooks) if names is None else [names] if isinstance(names, str) else list(names)
+        present = self.codebooks
+        for name in chosen:
+            if name not in present:
+                raise unknown_hook_error(name, present, what="codebook")
+        return {name: detach_codebook(self, name) for name in chosen}
+
+    def codebooks_disabled(self, names: Iterable[str] | None = None):  # noqa: ANN201
+        """Context manager: codebooks bypassed inside the block (the base model's behaviour)."""
+        return codebooks_disabled(self, names)
+
+    def force_codes(self, codes: Mapping[str, Any], positions: Iterable[int] | None = None):  # noqa: ANN201
+        """Context manager: these codes are active at `positions` (all when None); see interventions."""
+        from tl_codebook.hooks.interventions import force_codes
+
+        return force_codes(self, codes, positions)
+
+    def ablate_codes(self, codes: Mapping[str, Any]):  # noqa: ANN201
+        """Context manager: these codes can never be chosen; the next best are; see interventions."""
+        from tl_codebook.hooks.interventions import ablate_codes
+
+        return ablate_codes(self, codes)
+
+    def save_codebooks(self, path: str | Path, save_model_weights: bool | None = None) -> Path:
+        """Save all codebooks (safetensors + JSON) to the directory `path`.
+
+        The model's own weights are saved too when it was jointly fine-tuned (`fine_tuned`),
+        unless `save_model_weights=False`; `True` saves them regardless.
+        """
+        from tl_codebook.io import save_codebooks
+
+        return save_codebooks(self, path, save_model_weights=save_model_weights)
+
+    def load_codebooks(self, path: str | Path, load_model_weights: bool = True) -> dict[str, Codebook]:
+        """Load codebooks saved by `save_codebooks` into this model (replacing any at those sites)."""
+        from tl_codebook.io import load_codebooks
+
+        return load_codebooks(self, path, load_model_weights=load_model_weights)
+
+    # -- forward: record where the current window starts, for position-aware interventions ----
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
+        cache = kwargs.get("past_kv_cache")
+        offset = 0
+        if cache is not None and len(cache.entries) and cache[0].past_keys is not None:
+            offset = int(cache[0].past_keys.shape[1])
+        previous, self._position_offset = self._position_offset, offset
+        try:
+            return super().forward(*args, **kwargs)
+        finally:
+            self._position_offset = previous

@@ -1,0 +1,203 @@
+"""Saving and loading codebooks (and fine-tuned model weights): safetensors + JSON, never pickle.
+
+A single codebook is a directory with `cfg.json` and `codebook.safetensors`. A model's set of
+codebooks is a directory with `codebooks.json` (configs, the base model's name and shape),
+`codebooks.safetensors` and, after joint fine-tuning, `model.safetensors`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from tl_codebook.codebook import Codebook, CodebookConfig
+
+FORMAT_VERSION = 1
+CODEBOOK_CFG = "cfg.json"
+CODEBOOK_WEIGHTS = "codebook.safetensors"
+SET_CFG = "codebooks.json"
+SET_WEIGHTS = "codebooks.safetensors"
+MODEL_WEIGHTS = "model.safetensors"
+MODEL_SHAPE_KEYS = ("n_layers", "d_model", "n_heads", "d_head", "d_mlp", "d_vocab", "n_ctx")
+
+
+class CodebookFileError(ValueError):
+    """A saved codebook file that is missing, truncated, corrupted or does not fit."""
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise CodebookFileError(f"Missing file {path}.")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise CodebookFileError(f"{path} is not valid JSON: {err}.") from None
+    if not isinstance(data, dict):
+        raise CodebookFileError(f"{path} must hold a JSON object, got {type(data).__name__}.")
+    return data
+
+
+def _read_tensors(path: Path, device: str | torch.device | None) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise CodebookFileError(f"Missing file {path}.")
+    try:
+        return load_file(str(path), device=str(device) if device is not None else "cpu")
+    except (SafetensorError, OSError, ValueError) as err:
+        raise CodebookFileError(
+            f"{path} is not a readable safetensors file (truncated or corrupted?): {err}"
+        ) from None
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True))
+    tmp.replace(path)
+
+
+def _codebook_from(cfg: CodebookConfig, codes: torch.Tensor, source: Path) -> Codebook:
+    expected = (cfg.n_groups, cfg.num_codes, cfg.d_group)
+    if tuple(codes.shape) != expected:
+        raise CodebookFileError(
+            f"{source}: codes of shape {tuple(codes.shape)} do not fit the config {expected}."
+        )
+    cb = Codebook(cfg)
+    with torch.no_grad():
+        cb.codes.copy_(codes)
+    return cb.to(codes.device)
+
+
+def save_codebook(codebook: Codebook, path: str | Path) -> Path:
+    """Save one codebook to the directory `path`."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    save_file({"codes": codebook.codes.detach().contiguous().cpu()}, str(path / CODEBOOK_WEIGHTS))
+    _write_json(path / CODEBOOK_CFG, {"format_version": FORMAT_VERSION, **codebook.cfg.to_dict()})
+    return path
+
+
+def load_codebook(path: str | Path, device: str | torch.device | None = None) -> Codebook:
+    """Load a codebook saved by `save_codebook` / `Codebook.save`."""
+    path = Path(path)
+    data = _read_json(path / CODEBOOK_CFG)
+    data.pop("format_version", None)
+    cfg = CodebookConfig.from_dict(data)
+    tensors = _read_tensors(path / CODEBOOK_WEIGHTS, device)
+    if "codes" not in tensors:
+        raise CodebookFileError(f"{path / CODEBOOK_WEIGHTS} has no 'codes' tensor.")
+    return _codebook_from(cfg, tensors["codes"], path)
+
+
+def model_shape(model: torch.nn.Module) -> dict[str, Any]:
+    """The fields of a TransformerLens model's config that codebooks depend on."""
+    cfg = getattr(model, "cfg", None)
+    if cfg is None:
+        return {}
+    return {key: getattr(cfg, key, None) for key in MODEL_SHAPE_KEYS}
+
+
+def _codebook_parameter_names(model: torch.nn.Module) -> set[str]:
+    from tl_codebook.hooks.model import codebooks_of
+
+    return {f"{name}.{p}" for name, cb in codebooks_of(model).items() for p, _ in cb.named_parameters()}
+
+
+def save_codebooks(
+    model: torch.nn.Module, path: str | Path, save_model_weights: bool | None = None
+) -> Path:
+    """Save every codebook of `model` to the directory `path`.
+
+    `save_model_weights=None` saves the model's own weights too when the model was fine-tuned
+    with its codebooks (`model.fine_tuned` set by the joint trainer); True/False force it.
+    """
+    from tl_codebook.hooks.model import codebooks_of
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    present = codebooks_of(model)
+    if not present:
+        raise ValueError("The model has no codebooks to save.")
+    save_file(
+        {f"{name}.codes": cb.codes.detach().contiguous().cpu() for name, cb in present.items()},
+        str(path / SET_WEIGHTS),
+    )
+    if save_model_weights is None:
+        save_model_weights = bool(getattr(model, "fine_tuned", False))
+    weights_file = None
+    if save_model_weights:
+        skip = _codebook_parameter_names(model)
+        state = {
+            k: v.detach().cpu().clone().contiguous()
+            for k, v in model.state_dict().items()
+            if k not in skip
+        }
+        save_file(state, str(path / MODEL_WEIGHTS))
+        weights_file = MODEL_WEIGHTS
+    cfg = getattr(model, "cfg", None)
+    _write_json(
+        path / SET_CFG,
+        {
+            "format_version": FORMAT_VERSION,
+            "model_name": getattr(cfg, "model_name", None),
+            "model_shape": model_shape(model),
+            "model_weights": weights_file,
+            "codebooks": {name: cb.cfg.to_dict() for name, cb in present.items()},
+        },
+    )
+    return path
+
+
+def load_codebooks(
+    model: torch.nn.Module, path: str | Path, load_model_weights: bool = True
+) -> dict[str, Codebook]:
+    """Load codebooks saved by `save_codebooks` into `model`, replacing any at those sites.
+
+    Fails before touching the model if the files are unreadable or were saved for a model of
+    another shape (the message names both shapes).
+    """
+    from tl_codebook.hooks.model import attach_codebook, codebooks_of, detach_codebook
+
+    path = Path(path)
+    meta = _read_json(path / SET_CFG)
+    for key in ("codebooks", "model_shape"):
+        if key not in meta:
+            raise CodebookFileError(f"{path / SET_CFG} has no {key!r} entry.")
+    saved_shape, shape = meta["model_shape"], model_shape(model)
+    if saved_shape and shape and saved_shape != shape:
+        diff = {k: (saved_shape.get(k), shape.get(k)) for k in shape if saved_shape.get(k) != shape.get(k)}
+        raise CodebookFileError(
+            f"Codebooks in {path} were saved for a model of shape {saved_shape} "
+            f"({meta.get('model_name')}), but this model has shape {shape}; differing: "
+            + ", ".join(f"{k} saved {a} vs model {b}" for k, (a, b) in diff.items())
+        )
+    param = next(model.parameters(), None)
+    device = param.device if param is not None else None
+    tensors = _read_tensors(path / SET_WEIGHTS, device)
+    loaded: dict[str, Codebook] = {}
+    for name, cfg_dict in meta["codebooks"].items():
+        if f"{name}.codes" not in tensors:
+            raise CodebookFileError(f"{path / SET_WEIGHTS} has no tensor for codebook {name!r}.")
+        loaded[name] = _codebook_from(CodebookConfig.from_dict(cfg_dict), tensors[f"{name}.codes"], path)
+    model_state = None
+    if load_model_weights and meta.get("model_weights"):
+        model_state = _read_tensors(path / meta["model_weights"], device)
+    present = codebooks_of(model)
+    for name, cb in loaded.items():
+        if name in present:
+            detach_codebook(model, name)
+        attach_codebook(model, cb, name)
+    if model_state is not None:
+        skip = _codebook_parameter_names(model)
+        result = model.load_state_dict(model_state, strict=False)
+        missing = [k for k in result.missing_keys if k not in skip]
+        if missing or result.unexpected_keys:
+            raise CodebookFileError(
+                f"{path / meta['model_weights']} does not fit the model: missing {missing[:5]}, "
+                f"unexpected {result.unexpected_keys[:5]}."
+            )
+        model.fine_tuned = True  # type: ignore[assignment]
+    return loaded

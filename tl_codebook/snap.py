@@ -1,0 +1,173 @@
+"""The snap: score every code, keep the top k, output their mean, pass gradients straight through.
+
+Kept apart from the `Codebook` module so that the numerics (chunked scoring, the gather and the
+custom backward) can be tested, benchmarked and reused without any hook machinery around them.
+
+Memory: scores are computed under `no_grad` in chunks of rows, so the largest temporary is
+`chunk_size x num_codes` floats, and nothing of size tokens x codes is kept for backward. The
+gather-mean is `F.embedding_bag(mode="mean")`, which never materialises `[tokens, k, d]`.
+"""
+
+from __future__ import annotations
+
+import difflib
+
+import torch
+import torch.nn.functional as F
+from jaxtyping import Bool, Float, Int
+from torch import Tensor
+
+SIMILARITIES = ("inner_product", "cosine", "euclidean")
+
+
+def check_similarity(similarity: str) -> str:
+    """Return `similarity` if it is known, else raise a ValueError naming the valid choices."""
+    if similarity not in SIMILARITIES:
+        close = difflib.get_close_matches(str(similarity), SIMILARITIES, n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise ValueError(
+            f"Unknown similarity {similarity!r}; valid choices are {', '.join(SIMILARITIES)}.{hint}"
+        )
+    return similarity
+
+
+def l2norm(t: Tensor, eps: float = 1e-12) -> Tensor:
+    return t / t.norm(dim=-1, keepdim=True).clamp_min(eps)
+
+
+def code_scores(
+    x: Float[Tensor, "rows groups d"],
+    codes: Float[Tensor, "groups num_codes d"],
+    similarity: str,
+) -> Float[Tensor, "rows groups num_codes"]:
+    """The true similarity of every row to every code (materialises rows x codes: small inputs).
+
+    inner_product: x . c/|c|; cosine: x/|x| . c/|c|; euclidean: -|x - c|.
+    """
+    check_similarity(similarity)
+    if similarity == "euclidean":
+        return -torch.cdist(x.transpose(0, 1), codes.to(x.dtype)).transpose(0, 1)
+    keys = l2norm(codes.to(x.dtype))
+    scores = torch.einsum("ngd,gcd->ngc", x, keys)
+    if similarity == "cosine":
+        scores = scores / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    return scores
+
+
+def _ranking_keys(
+    codes: Tensor, similarity: str, dtype: torch.dtype
+) -> tuple[Tensor, Tensor | None]:
+    """Keys and per-code bias whose `x . key + bias` ranks codes exactly like the similarity.
+
+    Cosine ranks like inner product (dividing by |x| is the same for every code of a row), and
+    -|x - c| ranks like 2 x.c - |c|^2 (|x|^2 is the same for every code of a row), which turns
+    every similarity into one batched matmul.
+    """
+    codes = codes.detach().to(dtype)
+    if similarity == "euclidean":
+        return 2 * codes, -(codes * codes).sum(-1)
+    return l2norm(codes), None
+
+
+def select_codes(
+    x: Float[Tensor, "rows groups d"],
+    codes: Float[Tensor, "groups num_codes d"],
+    k: int,
+    similarity: str,
+    chunk_size: int,
+    disabled: Bool[Tensor, "groups num_codes"] | None = None,
+) -> Int[Tensor, "rows groups k"]:
+    """Top-k code ids per row and group, best first, scoring `chunk_size` (row, group) pairs at a time.
+
+    `disabled` codes get score -inf, so the next best codes are chosen instead (ablation).
+    """
+    check_similarity(similarity)
+    rows, groups, _ = x.shape
+    keys, bias = _ranking_keys(codes, similarity, x.dtype)
+    keys_t = keys.transpose(1, 2)  # [groups, d, num_codes]
+    if disabled is not None and bool(disabled.any()):
+        extra = torch.zeros(disabled.shape, dtype=x.dtype, device=x.device)
+        extra = extra.masked_fill(disabled, float("-inf"))
+        bias = extra if bias is None else bias + extra
+    ids = torch.empty(rows, groups, k, dtype=torch.long, device=x.device)
+    step = max(1, chunk_size // groups)
+    with torch.no_grad():
+        for start in range(0, rows, step):
+            chunk = x[start : start + step].detach().transpose(0, 1)  # [groups, n, d]
+            if bias is None:
+                scores = torch.bmm(chunk, keys_t)
+            else:
+                scores = torch.baddbmm(bias.unsqueeze(1), chunk, keys_t)
+            ids[start : start + step] = scores.topk(k, dim=-1).indices.transpose(0, 1)
+    return ids
+
+
+def gather_mean(
+    ids: Int[Tensor, "rows groups k"], codes: Float[Tensor, "groups num_codes d"]
+) -> Float[Tensor, "rows groups d"]:
+    """Per row and group, the mean of the chosen code vectors (differentiable in `codes`)."""
+    rows, groups, k = ids.shape
+    num_codes = codes.shape[1]
+    offsets = torch.arange(groups, device=ids.device).mul_(num_codes).view(1, groups, 1)
+    flat_ids = (ids + offsets).reshape(rows * groups, k)
+    table = codes.reshape(groups * num_codes, codes.shape[-1])
+    return F.embedding_bag(flat_ids, table, mode="mean").view(rows, groups, -1)
+
+
+class _SnapGradients(torch.autograd.Function):
+    """Identity on the quantized value; shapes the gradients of the snap.
+
+    Backward: the input gets the downstream gradient unchanged (straight-through) plus the
+    commitment term 2*beta*(x - q)/n; the quantized value (hence the gathered codes) gets the
+    downstream gradient plus the reconstruction term 2*alpha*(q - x)/n, n = number of tokens.
+    These are the gradients of alpha*mean_tokens|q - sg(x)|^2 + beta*mean_tokens|x - sg(q)|^2.
+    """
+
+    @staticmethod
+    def forward(ctx, x, quantized, commitment: float, reconstruction: float, n_tokens: int):  # type: ignore[override]
+        ctx.commitment = commitment
+        ctx.reconstruction = reconstruction
+        ctx.n_tokens = n_tokens
+        if commitment or reconstruction:
+            ctx.save_for_backward(x, quantized)
+        return quantized.view_as(quantized)
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        grad_x = grad_q = grad
+        if ctx.commitment or ctx.reconstruction:
+            x, quantized = ctx.saved_tensors
+            diff = (quantized - x).mul_(2.0 / ctx.n_tokens)
+            if ctx.reconstruction:
+                grad_q = grad + ctx.reconstruction * diff
+            if ctx.commitment:
+                grad_x = grad - ctx.commitment * diff
+        return grad_x, grad_q, None, None, None
+
+
+def straight_through(
+    x: Float[Tensor, "rows groups d"],
+    quantized: Float[Tensor, "rows groups d"],
+    commitment: float = 0.0,
+    reconstruction: float = 0.0,
+    n_tokens: int | None = None,
+) -> Float[Tensor, "rows groups d"]:
+    """Return `quantized`, with the straight-through / commitment / reconstruction gradients."""
+    n = x.shape[0] if n_tokens is None else n_tokens
+    return _SnapGradients.apply(x, quantized, float(commitment), float(reconstruction), max(n, 1))
+
+
+def snap(
+    x: Float[Tensor, "rows groups d"],
+    codes: Float[Tensor, "groups num_codes d"],
+    k: int,
+    similarity: str = "inner_product",
+    chunk_size: int = 1024,
+    commitment: float = 0.0,
+    reconstruction: float = 1.0,
+    disabled: Bool[Tensor, "groups num_codes"] | None = None,
+) -> tuple[Float[Tensor, "rows groups d"], Int[Tensor, "rows groups k"]]:
+    """The whole snap on grouped rows: (output, ids)."""
+    ids = select_codes(x, codes, k, similarity, chunk_size, disabled)
+    out = straight_through(x, gather_mean(ids, codes), commitment, reconstruction)
+    return out, ids
