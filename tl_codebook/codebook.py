@@ -88,7 +88,9 @@ class CodebookConfig:
         unknown = sorted(set(data) - set(fields))
         if unknown:
             hints = {u: difflib.get_close_matches(u, list(fields), n=1) for u in unknown}
-            detail = ", ".join(f"{u!r}" + (f" (did you mean {h[0]!r}?)" if h else "") for u, h in hints.items())
+            detail = ", ".join(
+                f"{u!r}" + (f" (did you mean {h[0]!r}?)" if h else "") for u, h in hints.items()
+            )
             raise ValueError(
                 f"Unknown CodebookConfig key(s): {detail}. Valid keys: {', '.join(fields)}."
             )
@@ -119,6 +121,10 @@ class Codebook(HookPoint):
     updated on every forward and cleared by `reset_stats()`.
     """
 
+    code_hits: Tensor
+    tokens_seen: Tensor
+    squared_error_sum: Tensor
+
     def __init__(self, cfg: CodebookConfig):
         super().__init__()
         self.cfg = cfg
@@ -128,7 +134,9 @@ class Codebook(HookPoint):
         self.hook_codes = HookPoint()
         self.hook_codebook_out = HookPoint()
         self.register_buffer(
-            "code_hits", torch.zeros(cfg.n_groups, cfg.num_codes, dtype=torch.long), persistent=False
+            "code_hits",
+            torch.zeros(cfg.n_groups, cfg.num_codes, dtype=torch.long),
+            persistent=False,
         )
         self.register_buffer("tokens_seen", torch.zeros((), dtype=torch.long), persistent=False)
         self.register_buffer(

@@ -103,7 +103,9 @@ def model_shape(model: torch.nn.Module) -> dict[str, Any]:
 def _codebook_parameter_names(model: torch.nn.Module) -> set[str]:
     from tl_codebook.hooks.model import codebooks_of
 
-    return {f"{name}.{p}" for name, cb in codebooks_of(model).items() for p, _ in cb.named_parameters()}
+    return {
+        f"{name}.{p}" for name, cb in codebooks_of(model).items() for p, _ in cb.named_parameters()
+    }
 
 
 def save_codebooks(
@@ -168,7 +170,11 @@ def load_codebooks(
             raise CodebookFileError(f"{path / SET_CFG} has no {key!r} entry.")
     saved_shape, shape = meta["model_shape"], model_shape(model)
     if saved_shape and shape and saved_shape != shape:
-        diff = {k: (saved_shape.get(k), shape.get(k)) for k in shape if saved_shape.get(k) != shape.get(k)}
+        diff = {
+            k: (saved_shape.get(k), shape.get(k))
+            for k in shape
+            if saved_shape.get(k) != shape.get(k)
+        }
         raise CodebookFileError(
             f"Codebooks in {path} were saved for a model of shape {saved_shape} "
             f"({meta.get('model_name')}), but this model has shape {shape}; differing: "
@@ -181,7 +187,9 @@ def load_codebooks(
     for name, cfg_dict in meta["codebooks"].items():
         if f"{name}.codes" not in tensors:
             raise CodebookFileError(f"{path / SET_WEIGHTS} has no tensor for codebook {name!r}.")
-        loaded[name] = _codebook_from(CodebookConfig.from_dict(cfg_dict), tensors[f"{name}.codes"], path)
+        loaded[name] = _codebook_from(
+            CodebookConfig.from_dict(cfg_dict), tensors[f"{name}.codes"], path
+        )
     model_state = None
     if load_model_weights and meta.get("model_weights"):
         model_state = _read_tensors(path / meta["model_weights"], device)

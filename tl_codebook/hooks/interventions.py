@@ -57,9 +57,7 @@ def _resolve(model: torch.nn.Module, codes: Mapping[str, Any]) -> dict[str, Code
     return {name: present[name] for name in codes}
 
 
-def insert_codes(
-    ids: Int[Tensor, "... k"], forced: Int[Tensor, " f"]
-) -> Int[Tensor, "... k"]:
+def insert_codes(ids: Int[Tensor, "... k"], forced: Int[Tensor, " f"]) -> Int[Tensor, "... k"]:
     """Make `forced` codes active: they take the first slots, and the natural codes keep their
     rank order in the remaining slots, so the lowest-ranked natural codes are the ones dropped.
 
@@ -157,7 +155,9 @@ def ablate_codes(model: torch.nn.Module, codes: Mapping[str, CodeSpec]) -> Itera
     previous = {name: cb.ablated for name, cb in chosen.items()}
     try:
         for name, cb in chosen.items():
-            mask = torch.zeros(cb.cfg.n_groups, cb.cfg.num_codes, dtype=torch.bool, device=cb.codes.device)
+            mask = torch.zeros(
+                cb.cfg.n_groups, cb.cfg.num_codes, dtype=torch.bool, device=cb.codes.device
+            )
             for g, ids in _per_group(codes[name], cb, "ablate_codes").items():
                 mask[g, ids] = True
             if int(mask.sum(-1).max()) > cb.cfg.num_codes - cb.cfg.k:

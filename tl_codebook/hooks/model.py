@@ -29,7 +29,9 @@ class UnknownHookError(ValueError):
     """A hook name that the model does not have; the message lists the closest valid names."""
 
 
-def unknown_hook_error(name: str, valid: Iterable[str], what: str = "hook point") -> UnknownHookError:
+def unknown_hook_error(
+    name: str, valid: Iterable[str], what: str = "hook point"
+) -> UnknownHookError:
     valid = list(valid)
     close = difflib.get_close_matches(name, valid, n=5, cutoff=0.5)
     if not close:  # fall back to names sharing the last component (e.g. all hook_mlp_out)
@@ -71,7 +73,9 @@ def probe_activation_shape(model: HookedTransformer, hook_name: str) -> tuple[in
     finally:
         model.reset_hooks(including_permanent=False)
     if not seen:
-        raise ValueError(f"The hook point {hook_name!r} is not reached by the model's forward pass.")
+        raise ValueError(
+            f"The hook point {hook_name!r} is not reached by the model's forward pass."
+        )
     return seen[0]
 
 
@@ -215,7 +219,13 @@ class HookedCodebookTransformer(HookedTransformer):
 
     def remove_codebooks(self, names: str | Iterable[str] | None = None) -> dict[str, Codebook]:
         """Remove codebooks (all when `names` is None); returns the removed ones by name."""
-        chosen = list(self.codebooks) if names is None else [names] if isinstance(names, str) else list(names)
+        chosen = (
+            list(self.codebooks)
+            if names is None
+            else [names]
+            if isinstance(names, str)
+            else list(names)
+        )
         present = self.codebooks
         for name in chosen:
             if name not in present:
@@ -248,11 +258,33 @@ class HookedCodebookTransformer(HookedTransformer):
 
         return save_codebooks(self, path, save_model_weights=save_model_weights)
 
-    def load_codebooks(self, path: str | Path, load_model_weights: bool = True) -> dict[str, Codebook]:
+    def load_codebooks(
+        self, path: str | Path, load_model_weights: bool = True
+    ) -> dict[str, Codebook]:
         """Load codebooks saved by `save_codebooks` into this model (replacing any at those sites)."""
         from tl_codebook.io import load_codebooks
 
         return load_codebooks(self, path, load_model_weights=load_model_weights)
+
+    # -- generation ----------------------------------------------------------------------------
+
+    def generate(self, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
+        """`HookedTransformer.generate`, made correct for models without a tokenizer.
+
+        TransformerLens 3.9's generate with a KV cache and no attention mask (no tokenizer)
+        recomputes positional embeddings for the whole sequence with the cache length as
+        offset, so with absolute ("standard"/"shortformer") positional embeddings every new token
+        after the first gets the wrong position and greedy decoding diverges from a step-by-step
+        loop (rotary models are unaffected). For those models we switch the KV cache off, which
+        is exact (tests compare against a step-by-step greedy loop).
+        """
+        if (
+            kwargs.get("use_past_kv_cache", True)
+            and self.tokenizer is None
+            and self.cfg.positional_embedding_type in ("standard", "shortformer")
+        ):
+            kwargs["use_past_kv_cache"] = False
+        return super().generate(*args, **kwargs)
 
     # -- forward: record where the current window starts, for position-aware interventions ----
 

@@ -1,0 +1,115 @@
+"""Save/load: safetensors + JSON round trips, and clear errors for files that do not fit."""
+
+import json
+
+import pytest
+import torch
+
+from tl_codebook import Codebook, CodebookConfig, CodebookFileError, HookedCodebookTransformer
+
+
+def model_with_codebooks(cfg):
+    model = HookedCodebookTransformer(cfg)
+    torch.manual_seed(3)
+    model.add_codebook(
+        Codebook(
+            CodebookConfig(d_in=16, num_codes=12, k=2, n_groups=4, hook_name="blocks.0.attn.hook_z")
+        )
+    )
+    model.add_codebook(
+        Codebook(CodebookConfig(d_in=16, num_codes=12, k=1, hook_name="blocks.1.hook_mlp_out"))
+    )
+    return model
+
+
+def test_single_codebook_round_trip(tmp_path):
+    cb = Codebook(
+        CodebookConfig(d_in=8, num_codes=5, k=2, n_groups=2, similarity="cosine", hook_name="h")
+    )
+    cb.save(tmp_path / "cb")
+    assert sorted(p.name for p in (tmp_path / "cb").iterdir()) == [
+        "cfg.json",
+        "codebook.safetensors",
+    ]
+    loaded = Codebook.load(tmp_path / "cb")
+    assert loaded.cfg == cb.cfg
+    assert torch.equal(loaded.codes, cb.codes)
+
+
+def test_model_codebooks_round_trip_gives_same_logits(tiny_cfg, tokens, tmp_path):
+    model = model_with_codebooks(tiny_cfg)
+    expected = model(tokens)
+    model.save_codebooks(tmp_path / "cbs")
+    assert not (tmp_path / "cbs" / "model.safetensors").exists()  # not fine-tuned: no model weights
+    fresh = HookedCodebookTransformer(tiny_cfg)  # same seed -> same base weights
+    loaded = fresh.load_codebooks(tmp_path / "cbs")
+    assert set(loaded) == {"blocks.0.attn.hook_z", "blocks.1.hook_mlp_out"}
+    assert torch.equal(fresh(tokens), expected)
+
+
+def test_fine_tuned_model_weights_are_saved_and_restored(tiny_cfg, tokens, tmp_path):
+    model = model_with_codebooks(tiny_cfg)
+    with torch.no_grad():
+        model.blocks[0].mlp.W_in.mul_(1.5)
+    model.fine_tuned = True
+    expected = model(tokens)
+    model.save_codebooks(tmp_path / "cbs")
+    assert (tmp_path / "cbs" / "model.safetensors").exists()
+    fresh = HookedCodebookTransformer(tiny_cfg)
+    assert not torch.equal(fresh.blocks[0].mlp.W_in, model.blocks[0].mlp.W_in)
+    fresh.load_codebooks(tmp_path / "cbs")
+    assert torch.equal(fresh(tokens), expected)
+    only_codebooks = HookedCodebookTransformer(tiny_cfg)
+    only_codebooks.load_codebooks(tmp_path / "cbs", load_model_weights=False)
+    assert not torch.equal(only_codebooks(tokens), expected)
+
+
+def test_loading_onto_another_model_shape_names_both_shapes(make_tiny_cfg, tmp_path):
+    model_with_codebooks(make_tiny_cfg()).save_codebooks(tmp_path / "cbs")
+    other = HookedCodebookTransformer(make_tiny_cfg(d_model=32, d_head=8))
+    with pytest.raises(
+        CodebookFileError, match=r"d_model saved 16 vs model 32.*d_head saved 4 vs model 8"
+    ):
+        other.load_codebooks(tmp_path / "cbs")
+    assert other.codebooks == {}
+
+
+def test_truncated_and_corrupted_safetensors_are_reported(tiny_cfg, tmp_path):
+    model_with_codebooks(tiny_cfg).save_codebooks(tmp_path / "cbs")
+    weights = tmp_path / "cbs" / "codebooks.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2])
+    fresh = HookedCodebookTransformer(tiny_cfg)
+    with pytest.raises(CodebookFileError, match="truncated or corrupted"):
+        fresh.load_codebooks(tmp_path / "cbs")
+    weights.write_bytes(b"\x13\x37" * 100)
+    with pytest.raises(CodebookFileError, match="codebooks.safetensors"):
+        fresh.load_codebooks(tmp_path / "cbs")
+    assert fresh.codebooks == {}
+
+
+def test_config_json_with_missing_or_unknown_keys(tmp_path):
+    cb = Codebook(CodebookConfig(d_in=4, num_codes=3))
+    cb.save(tmp_path / "cb")
+    cfg_path = tmp_path / "cb" / "cfg.json"
+    good = json.loads(cfg_path.read_text())
+    cfg_path.write_text(json.dumps({k: v for k, v in good.items() if k != "num_codes"}))
+    with pytest.raises(ValueError, match="missing required key.*num_codes"):
+        Codebook.load(tmp_path / "cb")
+    cfg_path.write_text(json.dumps({**good, "temperature": 2.0}))
+    with pytest.raises(ValueError, match="Unknown CodebookConfig key.*'temperature'"):
+        Codebook.load(tmp_path / "cb")
+    cfg_path.write_text("{not json")
+    with pytest.raises(CodebookFileError, match="not valid JSON"):
+        Codebook.load(tmp_path / "cb")
+
+
+def test_codes_shape_must_fit_config(tmp_path):
+    cb = Codebook(CodebookConfig(d_in=4, num_codes=3))
+    cb.save(tmp_path / "cb")
+    cfg_path = tmp_path / "cb" / "cfg.json"
+    cfg_path.write_text(json.dumps({**json.loads(cfg_path.read_text()), "num_codes": 5}))
+    with pytest.raises(
+        CodebookFileError, match=r"codes of shape \(1, 3, 4\) do not fit the config \(1, 5, 4\)"
+    ):
+        Codebook.load(tmp_path / "cb")

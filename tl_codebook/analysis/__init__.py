@@ -1,0 +1,1 @@
+"""Reading what codes mean: code caches, search, precision/recall against concepts, plots."""
