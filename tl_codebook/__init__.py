@@ -1,5 +1,6 @@
 """tl_codebook: codebook features (Tamkin et al. 2023) as first-class TransformerLens hook points."""
 
+import tl_codebook.comparisons.saelens  # noqa: F401 - registers the SAELens architecture "codebook"
 from tl_codebook.codebook import Codebook, CodebookConfig
 from tl_codebook.hooks.interventions import ablate_codes, force_codes
 from tl_codebook.hooks.model import (

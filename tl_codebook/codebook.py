@@ -144,6 +144,9 @@ class Codebook(HookPoint):
         )
         self.enabled = True
         self.track_stats = True
+        self.snap_gradient_terms = True
+        """False drops the config's reconstruction/commitment gradient terms (pure straight-through);
+        frozen-mode training sets it, because it optimises an explicit reconstruction loss instead."""
         self.ablated: Bool[Tensor, "n_groups num_codes"] | None = None
 
     # -- shapes -----------------------------------------------------------------------------
@@ -216,8 +219,12 @@ class Codebook(HookPoint):
         self.check_ids(ids)
         flat_ids = ids.reshape(rows.shape[0], self.cfg.n_groups, ids.shape[-1])
         quantized = gather_mean(flat_ids, self.codes.to(x.dtype))
+        terms = self.snap_gradient_terms
         out = straight_through(
-            rows, quantized, self.cfg.commitment_coef, self.cfg.reconstruction_coef
+            rows,
+            quantized,
+            self.cfg.commitment_coef if terms else 0.0,
+            self.cfg.reconstruction_coef if terms else 0.0,
         )
         if self.track_stats:
             self._update_stats(rows, quantized, flat_ids)

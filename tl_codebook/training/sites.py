@@ -1,0 +1,146 @@
+"""Where codebooks go: a readable site spec ("attn.hook_z:group", "hook_mlp_out:k=8") resolved
+against a model into concrete hook names and `CodebookConfig`s, with errors before any work starts.
+
+Spec grammar: `SITE[:group][:key=value ...]`, SITE a per-layer hook name relative to `blocks.L`
+(`hook_mlp_out`, `attn.hook_z`, `hook_resid_post`) or a full hook name (`blocks.3.hook_resid_pre`,
+`ln_final.hook_normalized`). `group` gives one codebook group per attention head; keys are
+`num_codes`, `k`, `similarity`, `layers` (`all`, `0-3`, `1,3`), and the CodebookConfig coefficients.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+from transformer_lens import HookedTransformer
+
+from tl_codebook.codebook import CodebookConfig
+from tl_codebook.hooks.model import probe_activation_shape, unknown_hook_error
+
+_INT_KEYS = ("num_codes", "k", "n_groups", "chunk_size")
+_FLOAT_KEYS = ("reconstruction_coef", "commitment_coef", "init_std")
+_STR_KEYS = ("similarity",)
+
+
+@dataclass
+class SiteSpec:
+    """One kind of site, at one or more layers, with its codebook settings."""
+
+    at: str
+    layers: str = "all"
+    group: bool = False
+    options: dict[str, object] = field(default_factory=dict)
+    """CodebookConfig overrides for this site: num_codes, k, similarity, coefficients."""
+
+    def to_dict(self) -> dict[str, object]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, object]) -> SiteSpec:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown or "at" not in data:
+            raise ValueError(
+                f"A site spec needs 'at' and takes only {sorted(known)}; got keys {sorted(data)}."
+            )
+        return cls(**data)  # type: ignore[arg-type]
+
+
+def parse_site(text: str) -> SiteSpec:
+    """Parse `SITE[:group][:key=value ...]` (see the module docstring)."""
+    parts = [p.strip() for p in text.split(":") if p.strip()]
+    if not parts:
+        raise ValueError("Empty site spec; expected e.g. 'hook_mlp_out' or 'attn.hook_z:group'.")
+    spec = SiteSpec(at=parts[0])
+    valid = ", ".join(("group", "layers", *_INT_KEYS, *_FLOAT_KEYS, *_STR_KEYS))
+    for part in parts[1:]:
+        if part == "group":
+            spec.group = True
+            continue
+        key, eq, value = part.partition("=")
+        if not eq:
+            raise ValueError(
+                f"Site spec {text!r}: cannot read {part!r}; expected key=value ({valid})."
+            )
+        try:
+            if key == "layers":
+                spec.layers = value
+            elif key in _INT_KEYS:
+                spec.options[key] = int(value)
+            elif key in _FLOAT_KEYS:
+                spec.options[key] = float(value)
+            elif key in _STR_KEYS:
+                spec.options[key] = value
+            else:
+                raise ValueError(
+                    f"Site spec {text!r}: unknown option {key!r}; valid options: {valid}."
+                )
+        except ValueError as err:
+            if "unknown option" in str(err):
+                raise
+            raise ValueError(f"Site spec {text!r}: bad value {value!r} for {key}.") from None
+    return spec
+
+
+def parse_layers(layers: str | list[int], n_layers: int) -> list[int]:
+    """`all`, `3`, `0-2`, `1,3` (or a list of ints) -> sorted layer indices, checked against n_layers."""
+    if isinstance(layers, list):
+        chosen = [int(x) for x in layers]
+    elif layers.strip() == "all":
+        chosen = list(range(n_layers))
+    else:
+        chosen = []
+        try:
+            for piece in layers.split(","):
+                lo, dash, hi = piece.strip().partition("-")
+                chosen += list(range(int(lo), int(hi) + 1)) if dash else [int(lo)]
+        except ValueError:
+            raise ValueError(
+                f"Cannot read layers {layers!r}; use 'all', '3', '0-2' or '1,3'."
+            ) from None
+    bad = [layer for layer in chosen if not 0 <= layer < n_layers]
+    if bad:
+        raise ValueError(
+            f"Layer index(es) {bad} out of range: the model has {n_layers} layers (0..{n_layers - 1})."
+        )
+    return sorted(set(chosen))
+
+
+def resolve_sites(
+    model: HookedTransformer, specs: list[SiteSpec], defaults: dict[str, object] | None = None
+) -> dict[str, CodebookConfig]:
+    """Concrete hook names and codebook configs for `specs` on `model` (widths probed)."""
+    defaults = dict(defaults or {})
+    resolved: dict[str, CodebookConfig] = {}
+    for spec in specs:
+        if spec.at in model.hook_dict or not model.cfg.n_layers:
+            names = [spec.at]
+        else:
+            names = [
+                f"blocks.{layer}.{spec.at}"
+                for layer in parse_layers(spec.layers, model.cfg.n_layers)
+            ]
+        for name in names:
+            if name not in model.hook_dict:
+                raise unknown_hook_error(name, model.hook_dict)
+            shape = probe_activation_shape(model, name)[2:]  # drop (batch, pos)
+            d_in = 1
+            for size in shape:
+                d_in *= size
+            options = {**defaults, **spec.options}
+            if spec.group:
+                if len(shape) != 2:
+                    raise ValueError(
+                        f"Site {name!r} has per-token shape {shape}; ':group' needs a per-head "
+                        "activation [n_heads, d_head] such as attn.hook_z."
+                    )
+                options["n_groups"] = shape[0]
+            elif len(shape) == 2 and "n_groups" not in options:
+                raise ValueError(
+                    f"Site {name!r} is per head (shape {shape}); add ':group' for one codebook "
+                    f"group per head, or ':n_groups=1' for one codebook over all {d_in} dims."
+                )
+            if name in resolved:
+                raise ValueError(f"Site {name!r} is named by more than one spec.")
+            resolved[name] = CodebookConfig(d_in=d_in, hook_name=name, **options)  # type: ignore[arg-type]
+    return resolved
