@@ -16,7 +16,17 @@ SUBCOMMANDS: dict[str, tuple[str, SubcommandSetup]] = {}
 """name -> (one-line help, function that adds the subcommand's arguments and sets `func`)."""
 
 
+def _register_builtin_commands() -> None:
+    from tl_codebook.training.cli import add_train_command
+
+    SUBCOMMANDS.setdefault(
+        "train",
+        ("Train codebooks on a TransformerLens model (frozen or joint).", add_train_command),
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
+    _register_builtin_commands()
     parser = argparse.ArgumentParser(
         prog="tl-codebook",
         description=(

@@ -209,3 +209,48 @@ def load_codebooks(
             )
         model.fine_tuned = True  # type: ignore[assignment]
     return loaded
+
+
+def load_model(
+    model: str,
+    device: str | None = None,
+    architecture: str | None = None,
+    **from_pretrained_kwargs: Any,
+):  # noqa: ANN201 - returns HookedCodebookTransformer
+    """A HookedCodebookTransformer the TransformerLens way, from one string.
+
+    - a `.json` file: a `HookedTransformerConfig` as JSON (a fresh, randomly initialised model);
+    - a local directory of a Hugging Face model: loaded with transformers, converted by
+      TransformerLens as `architecture` (a TransformerLens model name, e.g. "gpt2");
+    - anything else: a name for `HookedTransformer.from_pretrained` (downloads from the hub).
+    """
+    from transformer_lens import HookedTransformerConfig
+
+    from tl_codebook.hooks.model import HookedCodebookTransformer
+
+    path = Path(model)
+    if path.suffix == ".json":
+        data = _read_json(path)
+        if isinstance(
+            data.get("dtype"), str
+        ):  # "torch.float32" as written by json.dumps(default=str)
+            data["dtype"] = getattr(torch, data["dtype"].removeprefix("torch."))
+        if device is not None:
+            data["device"] = device
+        return HookedCodebookTransformer(HookedTransformerConfig.from_dict(data))
+    if path.is_dir():
+        if architecture is None:
+            raise ValueError(
+                f"{path} is a local Hugging Face model directory: also give its TransformerLens "
+                "architecture name (e.g. --architecture gpt2) so TransformerLens can convert it."
+            )
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        return HookedCodebookTransformer.from_pretrained(
+            architecture,
+            hf_model=AutoModelForCausalLM.from_pretrained(path),
+            tokenizer=AutoTokenizer.from_pretrained(path),
+            device=device,
+            **from_pretrained_kwargs,
+        )
+    return HookedCodebookTransformer.from_pretrained(model, device=device, **from_pretrained_kwargs)

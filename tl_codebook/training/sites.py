@@ -27,7 +27,8 @@ class SiteSpec:
     """One kind of site, at one or more layers, with its codebook settings."""
 
     at: str
-    layers: str = "all"
+    layers: str | None = None
+    """None: the run's default layers (TrainConfig.layers, itself 'all' by default)."""
     group: bool = False
     options: dict[str, object] = field(default_factory=dict)
     """CodebookConfig overrides for this site: num_codes, k, similarity, coefficients."""
@@ -107,7 +108,10 @@ def parse_layers(layers: str | list[int], n_layers: int) -> list[int]:
 
 
 def resolve_sites(
-    model: HookedTransformer, specs: list[SiteSpec], defaults: dict[str, object] | None = None
+    model: HookedTransformer,
+    specs: list[SiteSpec],
+    defaults: dict[str, object] | None = None,
+    layers: str = "all",
 ) -> dict[str, CodebookConfig]:
     """Concrete hook names and codebook configs for `specs` on `model` (widths probed)."""
     defaults = dict(defaults or {})
@@ -116,10 +120,8 @@ def resolve_sites(
         if spec.at in model.hook_dict or not model.cfg.n_layers:
             names = [spec.at]
         else:
-            names = [
-                f"blocks.{layer}.{spec.at}"
-                for layer in parse_layers(spec.layers, model.cfg.n_layers)
-            ]
+            chosen = parse_layers(spec.layers or layers, model.cfg.n_layers)
+            names = [f"blocks.{layer}.{spec.at}" for layer in chosen]
         for name in names:
             if name not in model.hook_dict:
                 raise unknown_hook_error(name, model.hook_dict)

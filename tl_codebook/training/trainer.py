@@ -129,7 +129,9 @@ class Trainer:
             raise ValueError("Joint mode needs a model with parameters.")
 
     def _new_sites(self) -> dict[str, Any]:
-        wanted = resolve_sites(self.model, self.config.sites, self.config.codebook_defaults())
+        wanted = resolve_sites(
+            self.model, self.config.sites, self.config.codebook_defaults(), self.config.layers
+        )
         present = codebooks_of(self.model)
         return {name: c for name, c in wanted.items() if name not in present}
 
