@@ -9,7 +9,6 @@ points (`hook_codebook_in`, `hook_codes`, `hook_codebook_out`) are named `{site}
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +20,7 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor, nn
 from transformer_lens.hook_points import HookPoint
 
+from tl_codebook.configs import dataclass_from_dict
 from tl_codebook.snap import (
     check_similarity,
     code_scores,
@@ -84,25 +84,7 @@ class CodebookConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> CodebookConfig:
         """Build a config from a dict, refusing missing required keys and unknown keys."""
-        fields = {f.name: f for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - set(fields))
-        if unknown:
-            hints = {u: difflib.get_close_matches(u, list(fields), n=1) for u in unknown}
-            detail = ", ".join(
-                f"{u!r}" + (f" (did you mean {h[0]!r}?)" if h else "") for u, h in hints.items()
-            )
-            raise ValueError(
-                f"Unknown CodebookConfig key(s): {detail}. Valid keys: {', '.join(fields)}."
-            )
-        required = [
-            n
-            for n, f in fields.items()
-            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
-        ]
-        missing = [n for n in required if n not in data]
-        if missing:
-            raise ValueError(f"CodebookConfig is missing required key(s): {', '.join(missing)}.")
-        return cls(**data)
+        return dataclass_from_dict(cls, data)
 
 
 class Codebook(HookPoint):

@@ -116,7 +116,7 @@ def test_save_load_round_trip(tmp_path):
 def test_config_dict_round_trip_and_key_errors():
     cfg = FSMConfig(n_states=10, n_edges=2, base=3, seed=4)
     assert FSMConfig.from_dict(cfg.to_dict()) == cfg
-    with pytest.raises(ValueError, match="missing key.*seed"):
+    with pytest.raises(ValueError, match="missing required key.*seed"):
         FSMConfig.from_dict({"n_states": 10, "n_edges": 2, "base": 3})
     with pytest.raises(ValueError, match="'n_state' \\(did you mean 'n_states'\\?\\)"):
         FSMConfig.from_dict({**cfg.to_dict(), "n_state": 3})

@@ -7,7 +7,6 @@ dataset, the metrics and the concept labels all agree on one encoding.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -17,6 +16,8 @@ from typing import Any
 import torch
 from jaxtyping import Bool, Int
 from torch import Tensor
+
+from tl_codebook.configs import dataclass_from_dict
 
 FORMAT_NAME = "tl_codebook.fsm"
 FORMAT_VERSION = 1
@@ -58,20 +59,7 @@ class FSMConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> FSMConfig:
         """Build a config from a dict, refusing missing and unknown keys."""
-        fields = [f.name for f in dataclasses.fields(cls)]
-        unknown = sorted(set(data) - set(fields))
-        if unknown:
-            hints = {u: difflib.get_close_matches(u, fields, n=1) for u in unknown}
-            detail = ", ".join(
-                f"{u!r}" + (f" (did you mean {h[0]!r}?)" if h else "") for u, h in hints.items()
-            )
-            raise ValueError(
-                f"Unknown FSMConfig key(s): {detail}. Valid keys: {', '.join(fields)}."
-            )
-        missing = [name for name in fields if name not in data]
-        if missing:
-            raise ValueError(f"FSMConfig is missing key(s): {', '.join(missing)}.")
-        return cls(**data)
+        return dataclass_from_dict(cls, data, require_all=True)
 
 
 class FSM:

@@ -12,6 +12,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from tl_codebook.configs import dataclass_from_dict
 from tl_codebook.snap import check_similarity
 from tl_codebook.training.sites import SiteSpec
 
@@ -132,11 +133,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
-        fields = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - fields)
-        if unknown:
-            raise ValueError(f"Unknown TrainConfig key(s) {unknown}; valid keys: {sorted(fields)}.")
-        return cls(**data)
+        return dataclass_from_dict(cls, data)
 
     def differences(self, other: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
         """Keys whose values differ from a saved config dict (ignoring the resumable ones)."""

@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from typing import Any
 
 from transformer_lens import HookedTransformer
 
 from tl_codebook.codebook import CodebookConfig
+from tl_codebook.configs import dataclass_from_dict
 from tl_codebook.hooks.model import probe_activation_shape, unknown_hook_error
 
 _INT_KEYS = ("num_codes", "k", "n_groups", "chunk_size")
@@ -37,14 +39,8 @@ class SiteSpec:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, object]) -> SiteSpec:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown or "at" not in data:
-            raise ValueError(
-                f"A site spec needs 'at' and takes only {sorted(known)}; got keys {sorted(data)}."
-            )
-        return cls(**data)  # type: ignore[arg-type]
+    def from_dict(cls, data: dict[str, Any]) -> SiteSpec:
+        return dataclass_from_dict(cls, data)
 
 
 def parse_site(text: str) -> SiteSpec:
