@@ -17,12 +17,21 @@ SUBCOMMANDS: dict[str, tuple[str, SubcommandSetup]] = {}
 
 
 def _register_builtin_commands() -> None:
+    from tl_codebook.comparisons.cli import add_compare_command
     from tl_codebook.training.cli import add_train_command
 
-    SUBCOMMANDS.setdefault(
-        "train",
-        ("Train codebooks on a TransformerLens model (frozen or joint).", add_train_command),
-    )
+    builtin = {
+        "train": (
+            "Train codebooks on a TransformerLens model (frozen or joint).",
+            add_train_command,
+        ),
+        "compare": (
+            "Codebooks vs SAEs (SAELens) on one shared activation cache: train, score, report.",
+            add_compare_command,
+        ),
+    }
+    for name, entry in builtin.items():
+        SUBCOMMANDS.setdefault(name, entry)
 
 
 def build_parser() -> argparse.ArgumentParser:

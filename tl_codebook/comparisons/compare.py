@@ -1,0 +1,421 @@
+"""Codebooks vs SAEs side by side: train every method on one activation store, score them alike.
+`run(store, methods, config)` returns a `ComparisonResult` (rows, markdown, CSV, JSON, plots).
+
+In a notebook:
+
+    store = ActivationStore.build(model, tokens, ["blocks.0.hook_resid_post"], "cache/train")
+    held_out = ActivationStore.build(model, eval_tokens, ["blocks.0.hook_resid_post"], "cache/eval")
+    config = ComparisonConfig(training=TrainingConfig("blocks.0.hook_resid_post", d_sae=128, k=1))
+    result = run(store, ["codebook", "topk", my_trained_sae], config, model=model,
+                 eval_store=held_out)
+    result.rows ; print(result.to_markdown()) ; result.to_csv("cmp.csv") ; result.plot()
+
+Methods given as specs (`MethodSpec`, or a kind name like "topk") are trained on `store` with the
+same budget; trained objects (a `Codebook`, a SAELens SAE, anything with encode/decode) are only
+evaluated. Every method is evaluated by `metrics.evaluate_method` on `eval_store`.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tl_codebook.comparisons.methods import (
+    CODEBOOK_KINDS,
+    MethodSpec,
+    TrainedMethod,
+    TrainingConfig,
+    _from_dict,
+    as_method,
+    train_method,
+)
+from tl_codebook.comparisons.metrics import EvalConfig, evaluate_method, splice_baseline
+from tl_codebook.comparisons.store import ActivationStore
+from tl_codebook.fsm.machine import FSM
+
+CONTRACT_COLUMNS = (
+    "method",
+    "l0",
+    "mse",
+    "fve",
+    "ce_loss_recovered",
+    "kl",
+    "dead_fraction",
+    "tokens_per_second",
+    "states_with_precise_latent",
+    "steering_success",
+)
+"""Columns every row of comparison.json has (NaN/null where a metric does not apply)."""
+
+SUMMARY_COLUMNS = (
+    "method",
+    "l0",
+    "mse",
+    "fve",
+    "ce_loss_recovered",
+    "kl",
+    "dead_fraction",
+    "states_with_precise_latent",
+    "steering_success",
+    "steering_baseline",
+    "train_tokens",
+    "train_seconds",
+    "tokens_per_second",
+)
+
+DEFAULT_METHODS = ("codebook", "codebook_saelens", "topk", "batchtopk")
+
+
+@dataclass
+class ComparisonConfig:
+    """One config for the whole comparison: the matched training budget and the evaluation."""
+
+    training: TrainingConfig
+    evaluation: EvalConfig = field(default_factory=EvalConfig)
+    methods: list[MethodSpec] = field(
+        default_factory=lambda: [MethodSpec(kind) for kind in DEFAULT_METHODS]
+    )
+
+    def __post_init__(self) -> None:
+        if isinstance(self.training, dict):
+            self.training = TrainingConfig.from_dict(self.training)
+        if isinstance(self.evaluation, dict):
+            self.evaluation = EvalConfig.from_dict(self.evaluation)
+        self.methods = [
+            m if isinstance(m, MethodSpec) else MethodSpec.from_dict(m) for m in self.methods
+        ]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "training": self.training.to_dict(),
+            "evaluation": self.evaluation.to_dict(),
+            "methods": [m.to_dict() for m in self.methods],
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ComparisonConfig:
+        return _from_dict(cls, data)
+
+
+def _json_value(value: Any) -> Any:
+    """Non-finite floats as None (strict JSON), tensors and numpy scalars as plain numbers."""
+    if isinstance(value, torch.Tensor):
+        value = value.tolist()
+    if hasattr(value, "item") and not isinstance(value, (list, dict, str)):
+        value = value.item()
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {str(k): _json_value(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_value(v) for v in value]
+    return value
+
+
+def _format(value: Any) -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "–"
+    if isinstance(value, float):
+        if value == 0:
+            return "0"
+        if abs(value) >= 1e5 or abs(value) < 1e-3:
+            return f"{value:.3g}"
+        return f"{value:.4g}"
+    return str(value)
+
+
+@dataclass
+class ComparisonResult:
+    """The comparison's outcome: one row per method, per-method details, and provenance."""
+
+    rows: list[dict[str, Any]]
+    details: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Per method: latent densities and their histogram, mean active values, per-state scores."""
+    agreement: list[dict[str, Any]] = field(default_factory=list)
+    """Per codebook trained both ways: how far our loop and SAELens' trainer agree."""
+    config: dict[str, Any] = field(default_factory=dict)
+    """The ComparisonConfig, the stores and the model, as a dict."""
+    methods: dict[str, TrainedMethod] = field(default_factory=dict, repr=False)
+    """The trained methods (not saved by `to_json`; `save` writes their weights)."""
+
+    def row(self, method: str) -> dict[str, Any]:
+        for row in self.rows:
+            if row["method"] == method:
+                return row
+        raise KeyError(
+            f"No method {method!r}; methods: {', '.join(r['method'] for r in self.rows)}."
+        )
+
+    @property
+    def columns(self) -> list[str]:
+        """Every scalar column, in first-seen order."""
+        seen: dict[str, None] = {}
+        for row in self.rows:
+            for key, value in row.items():
+                if not isinstance(value, (dict, list)):
+                    seen.setdefault(key, None)
+        return list(seen)
+
+    def matched_budget(self) -> bool:
+        """True when every trained method saw the same number of training tokens."""
+        trained = {row["train_tokens"] for row in self.rows if row.get("train_tokens")}
+        return len(trained) <= 1
+
+    def to_markdown(self, columns: Sequence[str] | None = None) -> str:
+        """A markdown table (default: every column)."""
+        columns = list(columns or self.columns)
+        lines = [
+            "| " + " | ".join(columns) + " |",
+            "|"
+            + "|".join("---" if c in ("method", "kind", "hook_name") else "---:" for c in columns)
+            + "|",
+        ]
+        for row in self.rows:
+            lines.append("| " + " | ".join(_format(row.get(c)) for c in columns) + " |")
+        return "\n".join(lines) + "\n"
+
+    def to_csv(self, path: str | Path | None = None) -> str:
+        """The rows as CSV (every scalar column); written to `path` when given. Returns the text."""
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=self.columns, extrasaction="ignore")
+        writer.writeheader()
+        for row in self.rows:
+            writer.writerow({k: ("" if _json_value(v) is None else v) for k, v in row.items()})
+        if path is not None:
+            Path(path).write_text(buffer.getvalue())
+        return buffer.getvalue()
+
+    def to_json(self, path: str | Path | None = None) -> str:
+        """The rows as a JSON list (the comparison.json contract); NaN written as null."""
+        text = json.dumps(_json_value(self.rows), indent=2)
+        if path is not None:
+            Path(path).write_text(text)
+        return text
+
+    def plot(self) -> Any:
+        """One matplotlib Figure: FVE and CE recovered against L0, densities, per-state P/R."""
+        from tl_codebook.comparisons.report import summary_figure
+
+        return summary_figure(self)
+
+    def save(self, out_dir: str | Path) -> Path:
+        """Write the report directory (CSV, JSON, markdown, plots, index.html); see `report`."""
+        from tl_codebook.comparisons.report import write_report
+
+        return write_report(self, out_dir)
+
+    @classmethod
+    def load(cls, out_dir: str | Path) -> ComparisonResult:
+        """Read a report directory written by `save` (without the trained methods)."""
+        out = Path(out_dir)
+        rows = json.loads((out / "comparison.json").read_text())
+        extra = out / "details.json"
+        details, agreement, config = {}, [], {}
+        if extra.is_file():
+            data = json.loads(extra.read_text())
+            details = data.get("methods", {})
+            agreement = data.get("agreement", [])
+            config = data.get("config", {})
+        nan_rows = [{k: (math.nan if v is None else v) for k, v in r.items()} for r in rows]
+        return cls(rows=nan_rows, details=details, agreement=agreement, config=config)
+
+
+# -- running ---------------------------------------------------------------------------------------
+
+
+def _fsm_from(store: ActivationStore) -> FSM | None:
+    data = store.manifest.metadata.get("fsm")
+    return FSM.from_dict(data) if data else None
+
+
+def default_config(store: ActivationStore, **training: Any) -> ComparisonConfig:
+    """A ComparisonConfig for a store with a single hook (else name the hook yourself)."""
+    if "hook_name" not in training:
+        if len(store.hooks) != 1:
+            raise ValueError(
+                f"The store holds several hooks ({', '.join(store.hooks)}); give "
+                "TrainingConfig(hook_name=...) to say which one to compare on."
+            )
+        training["hook_name"] = store.hooks[0]
+    return ComparisonConfig(training=TrainingConfig(**training))
+
+
+@torch.no_grad()
+def codebook_agreement(
+    a: TrainedMethod,
+    b: TrainedMethod,
+    store: ActivationStore,
+    hook_name: str,
+    exclude_token_ids: Sequence[int] = (),
+    max_sequences: int | None = None,
+) -> dict[str, float]:
+    """How alike two codebooks are: the fraction of tokens given the same codes, and the largest
+    difference between their code vectors relative to the largest code norm."""
+    if a.codebook is None or b.codebook is None:
+        raise ValueError(f"{a.name!r} and {b.name!r} must both be codebooks.")
+    same, total = 0, 0
+    for tokens, acts in store.iter_sequences(hook_name, 256, max_sequences):
+        keep = ~torch.isin(tokens, torch.tensor(list(exclude_token_ids), dtype=torch.long))
+        x = acts[keep]
+        ids_a = a.codebook.encode(x.to(a.codebook.codes.device)).sort(-1).values.cpu()
+        ids_b = b.codebook.encode(x.to(b.codebook.codes.device)).sort(-1).values.cpu()
+        same += int((ids_a == ids_b).all(-1).all(-1).sum())
+        total += x.shape[0]
+    codes_a, codes_b = a.codebook.codes.detach().cpu(), b.codebook.codes.detach().cpu()
+    scale = codes_a.norm(dim=-1).max().clamp(min=1e-12)
+    return {
+        "same_codes_fraction": same / max(total, 1),
+        "max_code_difference": float((codes_a - codes_b).norm(dim=-1).max() / scale),
+    }
+
+
+def run(
+    store: ActivationStore,
+    methods: Sequence[Any] | None = None,
+    config: ComparisonConfig | None = None,
+    model: Any = None,
+    eval_store: ActivationStore | None = None,
+    fsm: FSM | None = None,
+    out_dir: str | Path | None = None,
+) -> ComparisonResult:
+    """Train (specs) and evaluate (everything) `methods` on `store`; see the module docstring.
+
+    `methods` items are `MethodSpec`s, kind names (`"topk"`, `"codebook:k=4"`), or trained
+    objects; None uses `config.methods`. `eval_store` (default: `store`) should hold held-out
+    tokens of the same model and hook. `fsm` (default: the one recorded in the store's metadata)
+    enables the concept and steering metrics. With `out_dir` the trained methods are saved under
+    `out_dir/methods/` and the report is written there.
+    """
+    config = config or default_config(store)
+    training, evaluation = config.training, config.evaluation
+    hook = training.hook_name
+    eval_store = eval_store or store
+    for s in (store, eval_store):
+        s.check_compatible(model=model, hooks=[hook])
+    if store is not eval_store and (
+        store.manifest.model_fingerprint != eval_store.manifest.model_fingerprint
+    ):
+        raise ValueError(
+            f"The training store ({store.path}) and the evaluation store ({eval_store.path}) were "
+            "built from different models."
+        )
+    d_in = store.d_in(hook)
+    if eval_store.d_in(hook) != d_in:
+        raise ValueError(
+            f"The evaluation store's activations at {hook!r} have width {eval_store.d_in(hook)}, "
+            f"the training store's {d_in}."
+        )
+    fsm = fsm or _fsm_from(eval_store)
+    items = list(config.methods if methods is None else methods)
+    if not items:
+        raise ValueError("No methods to compare: give at least one.")
+    out = Path(out_dir) if out_dir is not None else None
+
+    trained: dict[str, TrainedMethod] = {}
+    for item in items:
+        if isinstance(item, str):
+            item = MethodSpec.parse(item)
+        if isinstance(item, MethodSpec):
+            spec = item.resolved(training)
+            assert spec.name is not None
+            save_dir = out / "methods" / spec.name if out is not None else None
+            method = train_method(spec, store, training, save_dir=save_dir)
+        else:
+            method = as_method(item)
+        if method.d_in != d_in:
+            raise ValueError(
+                f"Method {method.name!r} has d_in={method.d_in}, but the store's activations at "
+                f"{hook!r} have width {d_in}."
+            )
+        if method.name in trained:
+            raise ValueError(f"Two methods are named {method.name!r}; give them distinct names.")
+        trained[method.name] = method
+
+    baseline = None
+    if model is not None:
+        tokens = eval_store.tokens()
+        if evaluation.max_sequences is not None:
+            tokens = tokens[: evaluation.max_sequences]
+        baseline = splice_baseline(
+            model, tokens, hook, training.exclude_token_ids, evaluation.batch_sequences
+        )
+    rows, details = [], {}
+    for name, method in trained.items():
+        evaluation_of = evaluate_method(
+            method,
+            eval_store,
+            hook,
+            model=model,
+            fsm=fsm,
+            exclude_token_ids=training.exclude_token_ids,
+            config=evaluation,
+            baseline=baseline,
+        )
+        rows.append(evaluation_of.row)
+        details[name] = evaluation_of.details
+
+    agreement: list[dict[str, Any]] = []
+    ours = [m for m in trained.values() if m.kind == "codebook" and m.spec is not None]
+    theirs = [m for m in trained.values() if m.kind == "codebook_saelens"]
+    for a in ours:
+        for b in theirs:
+            if a.spec is not None and b.spec is not None and _same_codebook_spec(a.spec, b.spec):
+                record: dict[str, Any] = {"ours": a.name, "saelens": b.name}
+                record.update(
+                    codebook_agreement(
+                        a, b, eval_store, hook, training.exclude_token_ids, evaluation.max_sequences
+                    )
+                )
+                ra, rb = (
+                    next(r for r in rows if r["method"] == a.name),
+                    next(r for r in rows if r["method"] == b.name),
+                )
+                for key in ("fve", "ce_loss_recovered", "states_with_precise_latent"):
+                    record[f"{key}_difference"] = ra[key] - rb[key]
+                agreement.append(record)
+
+    result = ComparisonResult(
+        rows=rows,
+        details=details,
+        agreement=agreement,
+        config={
+            **config.to_dict(),
+            "store": str(store.path),
+            "eval_store": str(eval_store.path),
+            "model_name": store.manifest.model_name,
+            "model_fingerprint": store.manifest.model_fingerprint,
+            "store_tokens": store.n_tokens,
+            "eval_store_tokens": eval_store.n_tokens,
+            "ce_baseline": "zero ablation",
+            "fsm": fsm.to_dict() if fsm is not None else None,
+        },
+        methods=trained,
+    )
+    if out is not None:
+        result.save(out)
+    return result
+
+
+def _same_codebook_spec(a: MethodSpec, b: MethodSpec) -> bool:
+    keys = ("d_sae", "k", "lr", "similarity", "n_groups", "codebook_init")
+    return all(getattr(a, key) == getattr(b, key) for key in keys) and {a.kind, b.kind} <= set(
+        CODEBOOK_KINDS
+    )
+
+
+__all__ = [
+    "CONTRACT_COLUMNS",
+    "ComparisonConfig",
+    "ComparisonResult",
+    "codebook_agreement",
+    "default_config",
+    "run",
+]

@@ -1,0 +1,634 @@
+"""The methods compared: codebooks and SAELens SAEs behind one interface, trained on one store.
+A method is anything with `encode(x) -> [..., d_sae]` and `decode(acts) -> [..., d_in]`.
+
+`train_method(spec, store, config)` trains one kind of method on an `ActivationStore` with the
+matched budget of a `TrainingConfig` (same tokens, same batches, same order for every method):
+
+- `codebook`: our loop over the store, the codebook reconstruction objective (the frozen-mode
+  MSE on cached activations) with SAETrainer's optimiser settings (Adam, constant lr, gradient
+  norm clipped at 1), codes initialised by k-means (or real activations, or N(0, 1)).
+- `codebook_saelens`: the same codebook, same initial codes, trained by SAELens' `SAETrainer`
+  through the registered "codebook" architecture, so the two trainings can be compared.
+- `topk`, `batchtopk`, `standard`, `jumprelu`: SAELens SAEs trained by `SAETrainer`.
+
+`as_method(obj)` wraps anything already trained (a `Codebook`, any SAELens SAE, or an object with
+encode/decode and `d_in`/`d_sae`) so that the same metrics code serves all of them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any
+from unittest import mock
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from tl_codebook.codebook import Codebook, CodebookConfig
+from tl_codebook.comparisons.store import ActivationStore
+from tl_codebook.hooks.interventions import insert_codes
+from tl_codebook.snap import check_similarity
+from tl_codebook.training.kmeans import kmeans_grouped
+
+METHOD_KINDS: dict[str, str] = {
+    "codebook": "codebook (k codes, mean), trained by our loop on the store",
+    "codebook_saelens": "the same codebook, trained by SAELens' SAETrainer (architecture 'codebook')",
+    "topk": "SAELens TopK SAE (the closest analogue of a codebook)",
+    "batchtopk": "SAELens BatchTopK SAE (k active on average over a batch; runs as JumpReLU)",
+    "standard": "SAELens standard SAE (ReLU, L1 penalty)",
+    "jumprelu": "SAELens JumpReLU SAE (L0 penalty)",
+}
+CODEBOOK_KINDS = ("codebook", "codebook_saelens")
+CODEBOOK_INITS = ("kmeans", "activations", "random")
+
+
+def check_kind(kind: str) -> str:
+    """Return `kind` if it is a method kind, else raise a ValueError listing the valid ones."""
+    if kind not in METHOD_KINDS:
+        close = difflib.get_close_matches(str(kind), list(METHOD_KINDS), n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise ValueError(
+            f"Unknown method {kind!r}; valid methods are {', '.join(METHOD_KINDS)}.{hint}"
+        )
+    return kind
+
+
+def _from_dict(cls: type, data: dict[str, Any]) -> Any:
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(data) - set(names))
+    if unknown:
+        hints = {u: difflib.get_close_matches(u, names, n=1) for u in unknown}
+        detail = ", ".join(
+            f"{u!r}" + (f" (did you mean {h[0]!r}?)" if h else "") for u, h in hints.items()
+        )
+        raise ValueError(
+            f"Unknown {cls.__name__} key(s): {detail}. Valid keys: {', '.join(names)}."
+        )
+    return cls(**data)
+
+
+@dataclass
+class MethodSpec:
+    """One method to train: its kind and what differs from the comparison's shared settings."""
+
+    kind: str
+    name: str | None = None
+    """Row label (default: `{kind}-k{k}`, or `{kind}-l1{coef}` for standard/jumprelu)."""
+    d_sae: int | None = None
+    """Latents (codebooks: n_groups * codes); None: the TrainingConfig's."""
+    k: int | None = None
+    """Active codes/latents per token (codebook, topk, batchtopk); None: the TrainingConfig's."""
+    lr: float | None = None
+    """None: the TrainingConfig's."""
+    l1_coefficient: float = 5.0
+    """standard: weight of the L1 penalty."""
+    l0_coefficient: float = 1.0
+    """jumprelu: weight of the L0 penalty."""
+    similarity: str = "inner_product"
+    n_groups: int = 1
+    """Codebooks: independent codebooks over equal slices of d_in (e.g. one per head at hook_z)."""
+    codebook_init: str = "kmeans"
+
+    def __post_init__(self) -> None:
+        check_kind(self.kind)
+        check_similarity(self.similarity)
+        if self.codebook_init not in CODEBOOK_INITS:
+            raise ValueError(
+                f"MethodSpec.codebook_init={self.codebook_init!r} is not one of "
+                f"{', '.join(CODEBOOK_INITS)}."
+            )
+        for name in ("d_sae", "k"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ValueError(
+                    f"MethodSpec.{name} must be an integer >= 1 or None, got {value!r}."
+                )
+        if self.n_groups != 1 and self.kind not in CODEBOOK_KINDS:
+            raise ValueError(f"MethodSpec.n_groups applies to codebooks only, not {self.kind!r}.")
+
+    def resolved(self, config: TrainingConfig) -> MethodSpec:
+        """A copy with d_sae, k, lr and name filled in from `config`."""
+        d_sae = self.d_sae or config.d_sae
+        k = self.k or config.k
+        lr = self.lr if self.lr is not None else config.lr
+        name = self.name
+        if name is None:
+            if self.kind == "standard":
+                name = f"standard-l1_{self.l1_coefficient:g}"
+            elif self.kind == "jumprelu":
+                name = f"jumprelu-l0_{self.l0_coefficient:g}"
+            else:
+                name = f"{self.kind}-k{k}"
+        return dataclasses.replace(self, d_sae=d_sae, k=k, lr=lr, name=name)
+
+    @classmethod
+    def parse(cls, text: str) -> MethodSpec:
+        """`KIND[:key=value...]`, e.g. `topk`, `codebook:k=4`, `standard:l1_coefficient=2`."""
+        kind, *options = text.split(":")
+        fields_by_name = {f.name: f for f in dataclasses.fields(cls)}
+        values: dict[str, Any] = {"kind": kind.strip()}
+        for option in options:
+            key, sep, raw = option.partition("=")
+            key = key.strip()
+            if not sep or key not in fields_by_name or key == "kind":
+                valid = [n for n in fields_by_name if n != "kind"]
+                raise ValueError(
+                    f"Bad method option {option!r} in {text!r}: expected key=value with key one "
+                    f"of {', '.join(valid)}."
+                )
+            default = fields_by_name[key].default
+            if key in ("d_sae", "k", "n_groups"):
+                values[key] = int(raw)
+            elif key in ("lr", "l1_coefficient", "l0_coefficient") or isinstance(default, float):
+                values[key] = float(raw)
+            else:
+                values[key] = raw
+        return cls(**values)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> MethodSpec:
+        return _from_dict(cls, data)
+
+
+@dataclass
+class TrainingConfig:
+    """The matched budget every method trains with: same store, hook, tokens, batches, seed."""
+
+    hook_name: str
+    d_sae: int = 128
+    k: int = 1
+    training_tokens: int = 1_000_000
+    """Tokens each method sees (epochs over the store repeat as needed)."""
+    batch_size: int = 1024
+    """Tokens per step."""
+    lr: float = 3e-3
+    seed: int = 0
+    exclude_token_ids: list[int] = field(default_factory=list)
+    """Tokens never trained on, evaluated or spliced (e.g. BOS, whose activations are outliers)."""
+    init_tokens: int = 16384
+    """Codebooks: activations sampled (apart from the training stream) for the initial codes."""
+    kmeans_iters: int = 25
+    dead_feature_window: int | None = None
+    """SAELens: steps without firing after which a latent counts as dead (TopK's AuxK loss then
+    trains it); None: min(1000, steps // 10), SAELens' 1000 scaled to short runs."""
+    device: str = "cpu"
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("d_sae", "k", "training_tokens", "batch_size", "init_tokens", "kmeans_iters"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"TrainingConfig.{name} must be an integer >= 1, got {value!r}.")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"TrainingConfig.lr must be finite and > 0, got {self.lr!r}.")
+        self.exclude_token_ids = [int(t) for t in self.exclude_token_ids]
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainingConfig:
+        return _from_dict(cls, data)
+
+
+# -- the interface ----------------------------------------------------------------------------
+
+
+def _dense(acts: Tensor) -> Tensor:
+    return acts.to_dense() if acts.is_sparse else acts
+
+
+@dataclass(eq=False)
+class TrainedMethod:
+    """A method ready to evaluate: `encode`/`decode` of `sae`, plus what its training cost.
+
+    `sae` is a SAELens SAE or any object with encode/decode; `codebook` is set for codebooks
+    (steering then forces the code, as `force_codes` does, instead of clamping an activation).
+    """
+
+    name: str
+    kind: str
+    sae: Any
+    d_in: int
+    d_sae: int
+    hook_name: str | None = None
+    codebook: Codebook | None = None
+    train_tokens: int = 0
+    train_seconds: float = math.nan
+    init_tokens: int = 0
+    """Tokens looked at before training (the codebooks' k-means sample); not in train_tokens."""
+    init_seconds: float = 0.0
+    spec: MethodSpec | None = None
+
+    @property
+    def tokens_per_second(self) -> float:
+        if not self.train_tokens or not self.train_seconds > 0:
+            return math.nan
+        return self.train_tokens / self.train_seconds
+
+    def _check_width(self, x: Tensor) -> None:
+        if x.shape[-1] != self.d_in:
+            raise ValueError(
+                f"Method {self.name!r} has d_in={self.d_in} but got activations of width "
+                f"{x.shape[-1]} (shape {tuple(x.shape)})."
+            )
+
+    def encode(self, x: Float[Tensor, "... d_in"]) -> Float[Tensor, "... d_sae"]:
+        self._check_width(x)
+        return _dense(self.sae.encode(x))
+
+    def decode(self, acts: Float[Tensor, "... d_sae"]) -> Float[Tensor, "... d_in"]:
+        return self.sae.decode(acts)
+
+    def reconstruct(self, x: Float[Tensor, "... d_in"]) -> Float[Tensor, "... d_in"]:
+        """decode(encode(x)) (for codebooks, the snap itself: no dense activations built)."""
+        self._check_width(x)
+        if self.codebook is not None:
+            return self.codebook.decode(self.codebook.encode(x)).to(x.dtype)
+        return self.decode(self.encode(x)).to(x.dtype)
+
+    def steer(
+        self, x: Float[Tensor, "... d_in"], latent: int, value: float
+    ) -> Float[Tensor, "... d_in"]:
+        """The reconstruction of `x` with `latent` forced on.
+
+        Codebooks: the code takes the first of its group's k slots, the natural codes keep their
+        order in the rest (`insert_codes`, what `force_codes` does). Other methods: the latent's
+        activation is clamped to `value` (its typical active value), the others left as they are.
+        """
+        self._check_width(x)
+        if not 0 <= latent < self.d_sae:
+            raise ValueError(f"latent must be in [0, {self.d_sae - 1}], got {latent}.")
+        if self.codebook is not None:
+            cb = self.codebook
+            group, code = divmod(latent, cb.cfg.num_codes)
+            ids = cb.encode(x)
+            forced = torch.tensor([code], dtype=ids.dtype, device=ids.device)
+            ids[..., group, :] = insert_codes(ids[..., group, :], forced)
+            return cb.decode(ids).to(x.dtype)
+        acts = self.encode(x).clone()
+        acts[..., latent] = value
+        return self.decode(acts).to(x.dtype)
+
+    def to(self, device: str | torch.device) -> TrainedMethod:
+        if isinstance(self.sae, torch.nn.Module):
+            self.sae.to(device)
+        if self.codebook is not None:
+            self.codebook.to(device)
+        return self
+
+
+# -- reference methods (known answers) ----------------------------------------------------------
+
+
+class IdentityMethod:
+    """encode = decode = identity (d_sae = d_in): splicing it changes nothing."""
+
+    def __init__(self, d_in: int):
+        self.d_in = self.d_sae = d_in
+
+    def encode(self, x: Float[Tensor, "... d"]) -> Float[Tensor, "... d"]:
+        return x
+
+    def decode(self, acts: Float[Tensor, "... d"]) -> Float[Tensor, "... d"]:
+        return acts
+
+
+class ZeroMethod:
+    """Every latent off and a zero reconstruction: the zero-ablation baseline as a method."""
+
+    def __init__(self, d_in: int, d_sae: int = 1):
+        self.d_in, self.d_sae = d_in, d_sae
+
+    def encode(self, x: Float[Tensor, "... d_in"]) -> Float[Tensor, "... d_sae"]:
+        return x.new_zeros(*x.shape[:-1], self.d_sae)
+
+    def decode(self, acts: Float[Tensor, "... d_sae"]) -> Float[Tensor, "... d_in"]:
+        return acts.new_zeros(*acts.shape[:-1], self.d_in)
+
+
+def as_method(
+    obj: Any,
+    name: str | None = None,
+    hook_name: str | None = None,
+    kind: str | None = None,
+) -> TrainedMethod:
+    """Wrap a trained `Codebook`, a SAELens SAE, or any object with encode/decode as a method.
+
+    A plain object must say its sizes as `d_in` and `d_sae` attributes (or `cfg.d_in`/`cfg.d_sae`).
+    """
+    from sae_lens import SAE
+
+    from tl_codebook.comparisons.saelens import _CodebookSAEMixin, sae_to_codebook
+
+    if isinstance(obj, TrainedMethod):
+        return obj
+    if isinstance(obj, Codebook):
+        sae = obj.to_sae()
+        sae.turn_off_forward_pass_hook_z_reshaping()  # the store holds flattened activations
+        return TrainedMethod(
+            name=name or f"codebook-k{obj.cfg.k}",
+            kind=kind or "codebook",
+            sae=sae,
+            d_in=obj.cfg.d_in,
+            d_sae=obj.cfg.n_groups * obj.cfg.num_codes,
+            hook_name=hook_name or obj.cfg.hook_name,
+            codebook=obj,
+        )
+    if isinstance(obj, SAE):
+        obj.turn_off_forward_pass_hook_z_reshaping()
+        is_codebook = isinstance(obj, _CodebookSAEMixin)
+        architecture = obj.cfg.architecture()
+        return TrainedMethod(
+            name=name or architecture,
+            kind=kind or ("codebook" if is_codebook else architecture),
+            sae=obj,
+            d_in=obj.cfg.d_in,
+            d_sae=obj.cfg.d_sae,
+            hook_name=hook_name or obj.cfg.metadata.hook_name,
+            codebook=sae_to_codebook(obj) if is_codebook else None,
+        )
+    if not (callable(getattr(obj, "encode", None)) and callable(getattr(obj, "decode", None))):
+        raise TypeError(
+            f"A method needs encode(x) -> [..., d_sae] and decode(acts) -> [..., d_in]; "
+            f"{type(obj).__name__} lacks them. Pass a Codebook, a SAELens SAE or such an object."
+        )
+    cfg = getattr(obj, "cfg", None)
+    d_in = getattr(obj, "d_in", None) or getattr(cfg, "d_in", None)
+    d_sae = getattr(obj, "d_sae", None) or getattr(cfg, "d_sae", None)
+    if d_in is None or d_sae is None:
+        raise TypeError(
+            f"{type(obj).__name__} must say its sizes as d_in and d_sae attributes (or cfg.d_in "
+            "and cfg.d_sae)."
+        )
+    return TrainedMethod(
+        name=name or type(obj).__name__,
+        kind=kind or "custom",
+        sae=obj,
+        d_in=int(d_in),
+        d_sae=int(d_sae),
+        hook_name=hook_name,
+    )
+
+
+# -- training ----------------------------------------------------------------------------------
+
+
+class CountingIterator:
+    """Passes batches through and counts the tokens (rows) handed out."""
+
+    def __init__(self, batches: Iterator[Tensor], device: str | torch.device = "cpu"):
+        self.batches, self.device, self.tokens = batches, device, 0
+
+    def __iter__(self) -> CountingIterator:
+        return self
+
+    def __next__(self) -> Tensor:
+        batch = next(self.batches)
+        self.tokens += batch.shape[0]
+        return batch.to(self.device)
+
+
+def _training_batches(
+    store: ActivationStore, config: TrainingConfig, device: str | torch.device
+) -> CountingIterator:
+    """The same stream for every method: same tokens, same batches, same order."""
+    return CountingIterator(
+        store.batches(
+            config.hook_name,
+            batch_size=config.batch_size,
+            n_tokens=config.training_tokens,
+            seed=config.seed,
+            exclude_token_ids=config.exclude_token_ids,
+        ),
+        device,
+    )
+
+
+def initial_codes(
+    spec: MethodSpec, store: ActivationStore, config: TrainingConfig
+) -> tuple[Tensor, int]:
+    """(codes `[n_groups, num_codes, d_group]`, tokens sampled) for a codebook spec.
+
+    The sample is drawn with its own seed, apart from the training stream, and is the same for
+    `codebook` and `codebook_saelens`, so both start from the very same codes.
+    """
+    spec = spec.resolved(config)
+    assert spec.d_sae is not None
+    d_in, n_groups = store.d_in(config.hook_name), spec.n_groups
+    if d_in % n_groups or spec.d_sae % n_groups:
+        raise ValueError(
+            f"{spec.name}: n_groups={n_groups} must divide d_in={d_in} and d_sae={spec.d_sae}."
+        )
+    num_codes = spec.d_sae // n_groups
+    generator = torch.Generator().manual_seed(config.seed + 1)
+    if spec.codebook_init == "random":
+        return torch.randn(n_groups, num_codes, d_in // n_groups, generator=generator), 0
+    sample = store.sample(
+        config.hook_name,
+        max(config.init_tokens, num_codes),
+        seed=config.seed + 1,
+        exclude_token_ids=config.exclude_token_ids,
+    )
+    rows = sample.view(sample.shape[0], n_groups, d_in // n_groups)
+    if rows.shape[0] < num_codes:
+        raise ValueError(
+            f"{spec.name}: {spec.codebook_init} init needs at least {num_codes} tokens, the store "
+            f"has {rows.shape[0]} usable ones."
+        )
+    if spec.codebook_init == "kmeans":
+        codes = kmeans_grouped(rows, num_codes, n_iters=config.kmeans_iters, seed=config.seed)
+    else:
+        idx = torch.randperm(rows.shape[0], generator=generator)[:num_codes]
+        codes = rows[idx].transpose(0, 1).contiguous()
+    return codes, rows.shape[0]
+
+
+def train_method(
+    spec: MethodSpec,
+    store: ActivationStore,
+    config: TrainingConfig,
+    save_dir: str | Path | None = None,
+) -> TrainedMethod:
+    """Train one method on `store` with the matched budget of `config`; save it to `save_dir`.
+
+    Codebooks are saved as a `Codebook` (cfg.json + codebook.safetensors), SAELens methods as
+    SAELens inference SAEs (cfg.json + sae_weights.safetensors, `SAE.load_from_disk`).
+    """
+    spec = spec.resolved(config)
+    store.check_hook(config.hook_name)
+    if spec.kind == "codebook":
+        method = _train_codebook(spec, store, config)
+        if save_dir is not None:
+            assert method.codebook is not None
+            method.codebook.save(save_dir)
+        return method
+    return _train_with_saelens(spec, store, config, save_dir)
+
+
+def _train_codebook(
+    spec: MethodSpec, store: ActivationStore, config: TrainingConfig
+) -> TrainedMethod:
+    """The codebook reconstruction objective on cached activations: only the codes learn."""
+    assert spec.d_sae is not None and spec.k is not None and spec.lr is not None
+    assert spec.name is not None
+    device = torch.device(config.device)
+    d_in = store.d_in(config.hook_name)
+    started = time.perf_counter()
+    codes, init_tokens = initial_codes(spec, store, config)
+    cb = Codebook(
+        CodebookConfig(
+            d_in=d_in,
+            num_codes=spec.d_sae // spec.n_groups,
+            k=spec.k,
+            similarity=spec.similarity,
+            n_groups=spec.n_groups,
+            hook_name=config.hook_name,
+        )
+    ).to(device)
+    with torch.no_grad():
+        cb.codes.copy_(codes)
+    init_seconds = time.perf_counter() - started
+    optimizer = torch.optim.Adam([cb.codes], lr=spec.lr, betas=(0.9, 0.999))
+    data = _training_batches(store, config, device)
+    bar = tqdm(
+        total=config.training_tokens,
+        desc=f"train {spec.name}",
+        disable=not config.progress,
+        unit="tok",
+        unit_scale=True,
+        dynamic_ncols=True,
+    )
+    started = time.perf_counter()
+    cb.train()
+    for step, x in enumerate(data):
+        out = cb.decode(cb.encode(x))  # differentiable in the codes through the gather
+        loss = (out - x).pow(2).sum(-1).mean()  # SAELens' MSE: sum over dims, mean over tokens
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_([cb.codes], 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        bar.update(x.shape[0])
+        if step % 20 == 0:
+            bar.set_postfix(mse=f"{loss.item():.4g}")
+    seconds = time.perf_counter() - started
+    bar.close()
+    cb.eval()
+    method = as_method(cb, name=spec.name, hook_name=config.hook_name, kind=spec.kind)
+    method.train_tokens, method.train_seconds = data.tokens, seconds
+    method.init_tokens, method.init_seconds, method.spec = init_tokens, init_seconds, spec
+    return method
+
+
+def _training_sae(spec: MethodSpec, d_in: int, config: TrainingConfig) -> Any:
+    """A fresh SAELens training SAE for `spec` (metadata names the hook)."""
+    from sae_lens import (
+        BatchTopKTrainingSAE,
+        BatchTopKTrainingSAEConfig,
+        JumpReLUTrainingSAE,
+        JumpReLUTrainingSAEConfig,
+        StandardTrainingSAE,
+        StandardTrainingSAEConfig,
+        TopKTrainingSAE,
+        TopKTrainingSAEConfig,
+    )
+    from sae_lens.saes.sae import SAEMetadata
+
+    from tl_codebook.comparisons.saelens import CodebookTrainingSAE, CodebookTrainingSAEConfig
+
+    common = dict(
+        d_in=d_in,
+        d_sae=spec.d_sae,
+        dtype="float32",
+        device=config.device,
+        metadata=SAEMetadata(hook_name=config.hook_name),
+    )
+    if spec.kind == "topk":
+        return TopKTrainingSAE(TopKTrainingSAEConfig(k=spec.k, **common))  # type: ignore[arg-type]
+    if spec.kind == "batchtopk":
+        return BatchTopKTrainingSAE(BatchTopKTrainingSAEConfig(k=spec.k, **common))  # type: ignore[arg-type]
+    if spec.kind == "standard":
+        return StandardTrainingSAE(
+            StandardTrainingSAEConfig(l1_coefficient=spec.l1_coefficient, **common)  # type: ignore[arg-type]
+        )
+    if spec.kind == "jumprelu":
+        return JumpReLUTrainingSAE(
+            JumpReLUTrainingSAEConfig(l0_coefficient=spec.l0_coefficient, **common)  # type: ignore[arg-type]
+        )
+    if spec.kind == "codebook_saelens":
+        return CodebookTrainingSAE(
+            CodebookTrainingSAEConfig(
+                k=spec.k,  # type: ignore[arg-type]
+                n_groups=spec.n_groups,
+                similarity=spec.similarity,
+                **common,  # type: ignore[arg-type]
+            )
+        )
+    raise ValueError(f"{spec.kind!r} is not trained by SAELens; valid: {', '.join(METHOD_KINDS)}.")
+
+
+def _train_with_saelens(
+    spec: MethodSpec,
+    store: ActivationStore,
+    config: TrainingConfig,
+    save_dir: str | Path | None,
+) -> TrainedMethod:
+    """SAELens' own `SAETrainer` on our token stream; the result reloaded as an inference SAE."""
+    from sae_lens import SAE
+    from sae_lens.config import LoggingConfig, SAETrainerConfig
+    from sae_lens.training import sae_trainer
+
+    assert spec.lr is not None and spec.name is not None
+    d_in = store.d_in(config.hook_name)
+    torch.manual_seed(config.seed)
+    started = time.perf_counter()
+    sae = _training_sae(spec, d_in, config)
+    init_tokens = 0
+    if spec.kind == "codebook_saelens":
+        codes, init_tokens = initial_codes(spec, store, config)
+        with torch.no_grad():
+            sae.codes.copy_(codes)
+    init_seconds = time.perf_counter() - started
+    steps = math.ceil(config.training_tokens / config.batch_size)
+    trainer_cfg = SAETrainerConfig(
+        total_training_samples=config.training_tokens,
+        train_batch_size_samples=config.batch_size,
+        lr=spec.lr,
+        lr_end=spec.lr,  # SAETrainer asserts it is set; constant schedule
+        device=config.device,
+        dead_feature_window=config.dead_feature_window or max(1, min(1000, steps // 10)),
+        feature_sampling_window=max(1, min(2000, steps)),
+        logger=LoggingConfig(log_to_wandb=False),
+    )
+    data = _training_batches(store, config, config.device)
+    quiet = (
+        nullcontext()
+        if config.progress
+        else mock.patch.object(sae_trainer, "tqdm", partial(tqdm, disable=True))
+    )
+    trainer = sae_trainer.SAETrainer(trainer_cfg, sae, data)
+    started = time.perf_counter()
+    with quiet:
+        trained = trainer.fit()
+    seconds = time.perf_counter() - started
+    with tempfile.TemporaryDirectory() if save_dir is None else nullcontext(save_dir) as where:
+        trained.save_inference_model(where)
+        inference = SAE.load_from_disk(str(where), device=config.device)
+    method = as_method(inference, name=spec.name, hook_name=config.hook_name, kind=spec.kind)
+    method.train_tokens, method.train_seconds = data.tokens, seconds
+    method.init_tokens, method.init_seconds, method.spec = init_tokens, init_seconds, spec
+    return method
