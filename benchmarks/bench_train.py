@@ -1,0 +1,155 @@
+"""Training-step cost: codebooks on every attention and MLP site vs the plain model, and a
+frozen-mode codebook step vs a SAELens TopK SAE step on the same cached activations.
+
+Run: `python benchmarks/bench_train.py` (about a minute on 2 cores) or `--quick`. Prints a table
+and ONE JSON object on the last line. Ratios come from steps interleaved in one process (the
+median of per-round ratios), so a noisy shared machine hits both sides alike.
+
+1. `train_step_ratio_vs_plain`: one joint training step (forward, LM loss, backward, AdamW) of
+   a 4-layer, d_model 128, 4-head, d_mlp 512 rotary model with codebooks on every layer's
+   `attn.hook_z` (one group per head) and `hook_mlp_out` (the paper's TokFSM setting: 1000 codes,
+   k=1), divided by the same step without codebooks. Target <= 1.3.
+2. `frozen_step_speedup_vs_topk_sae`: one frozen-mode codebook step (snap, reconstruction MSE,
+   backward, AdamW) on cached `hook_mlp_out` activations vs one SAELens `TopKTrainingSAE`
+   training step (training_forward_pass, backward, AdamW) at equal width and k on the same
+   activations. Target >= 5.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+import warnings
+from collections.abc import Callable
+
+import torch
+
+warnings.filterwarnings("ignore", category=DeprecationWarning)
+
+from sae_lens.saes.topk_sae import TopKTrainingSAE, TopKTrainingSAEConfig  # noqa: E402
+from transformer_lens import HookedTransformerConfig  # noqa: E402
+
+from tl_codebook import Codebook, CodebookConfig, HookedCodebookTransformer  # noqa: E402
+from tl_codebook.training import parse_site, resolve_sites  # noqa: E402
+
+
+def timed(fn: Callable[[], None]) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def paired_ratio(
+    slow: Callable[[], None], fast: Callable[[], None], rounds: int
+) -> tuple[float, float, float]:
+    """Median over rounds of slow/fast, with median times; one warm-up round first."""
+    slow(), fast()
+    ratios, slow_times, fast_times = [], [], []
+    for _ in range(rounds):
+        a, b = timed(slow), timed(fast)
+        ratios.append(a / b)
+        slow_times.append(a)
+        fast_times.append(b)
+    return statistics.median(ratios), statistics.median(slow_times), statistics.median(fast_times)
+
+
+def model_config(quick: bool) -> HookedTransformerConfig:
+    return HookedTransformerConfig(
+        n_layers=4, d_model=128, n_heads=4, d_head=32, d_mlp=512, d_vocab=11,
+        n_ctx=128, act_fn="gelu", positional_embedding_type="rotary", seed=0, device="cpu",
+    )  # fmt: skip
+
+
+def lm_step_fn(model: HookedCodebookTransformer, tokens: torch.Tensor) -> Callable[[], None]:
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+    def step() -> None:
+        loss = model(tokens, return_type="loss")
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
+def bench_joint(quick: bool, rounds: int) -> dict[str, float]:
+    batch = 8 if quick else 32
+    tokens = torch.randint(0, 11, (batch, 128), generator=torch.Generator().manual_seed(0))
+    plain = HookedCodebookTransformer(model_config(quick))
+    with_codebooks = HookedCodebookTransformer(model_config(quick))
+    sites = [parse_site("attn.hook_z:group"), parse_site("hook_mlp_out")]
+    for name, cfg in resolve_sites(with_codebooks, sites, {"num_codes": 1000, "k": 1}).items():
+        with_codebooks.add_codebook(Codebook(cfg), name)
+    ratio, t_cb, t_plain = paired_ratio(
+        lm_step_fn(with_codebooks, tokens), lm_step_fn(plain, tokens), rounds
+    )
+    print(f"joint step, {len(with_codebooks.codebooks)} codebooks, {tokens.numel()} tokens: "
+          f"{t_cb * 1e3:.1f} ms vs plain {t_plain * 1e3:.1f} ms -> {ratio:.3f}x")  # fmt: skip
+    return {
+        "train_step_ratio_vs_plain": ratio,
+        "train_step_ms_codebooks": t_cb * 1e3,
+        "train_step_ms_plain": t_plain * 1e3,
+        "train_tokens_per_step": float(tokens.numel()),
+    }
+
+
+def bench_frozen_vs_sae(quick: bool, rounds: int) -> dict[str, float]:
+    n_tokens, d, width, k = (1024 if quick else 4096), 128, 1000, 1
+    acts = torch.randn(n_tokens, d, generator=torch.Generator().manual_seed(1))
+    cb = Codebook(CodebookConfig(d_in=d, num_codes=width, k=k))
+    cb.snap_gradient_terms = False
+    cb_opt = torch.optim.AdamW(cb.parameters(), lr=1e-3)
+
+    def codebook_step() -> None:
+        loss = (cb(acts) - acts).pow(2).mean()
+        loss.backward()
+        cb_opt.step()
+        cb_opt.zero_grad(set_to_none=True)
+
+    sae = TopKTrainingSAE(TopKTrainingSAEConfig(d_in=d, d_sae=width, k=k, device="cpu"))
+    sae_opt = torch.optim.AdamW(sae.parameters(), lr=1e-3)
+
+    def sae_step() -> None:
+        from sae_lens.saes.sae import TrainStepInput
+
+        out = sae.training_forward_pass(
+            TrainStepInput(
+                sae_in=acts,
+                coefficients={},
+                dead_neuron_mask=None,
+                n_training_steps=0,
+                is_logging_step=False,
+            )
+        )
+        out.loss.backward()
+        sae_opt.step()
+        sae_opt.zero_grad(set_to_none=True)
+
+    ratio, t_sae, t_cb = paired_ratio(sae_step, codebook_step, rounds)
+    print(f"frozen step on {n_tokens} cached activations, width {width}, k={k}: "
+          f"codebook {t_cb * 1e3:.2f} ms vs TopK SAE {t_sae * 1e3:.2f} ms -> {ratio:.2f}x faster")  # fmt: skip
+    return {
+        "frozen_step_speedup_vs_topk_sae": ratio,
+        "frozen_step_ms_codebook": t_cb * 1e3,
+        "frozen_step_ms_topk_sae": t_sae * 1e3,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="small shapes, a smoke run")
+    parser.add_argument("--rounds", type=int, default=None)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    rounds = args.rounds or (3 if args.quick else 9)
+    results = {"threads": args.threads, "rounds": rounds, "quick": args.quick}
+    results.update(bench_joint(args.quick, rounds))
+    results.update(bench_frozen_vs_sae(args.quick, rounds * 3))
+    print(json.dumps(results))
+
+
+if __name__ == "__main__":
+    main()
