@@ -47,8 +47,10 @@ class CodebookConfig:
     hook_name: str | None = None
     reconstruction_coef: float = 1.0
     commitment_coef: float = 0.0
-    chunk_size: int = 1024
-    """(token, group) rows scored at once; peak extra memory is about chunk_size x num_codes floats."""
+    chunk_size: int = 512
+    """Tokens scored at once (all groups); the largest temporary is chunk_size x n_groups x
+    num_codes floats (1/8 of the full score matrix for 4096 tokens). Smaller chunks save memory
+    but cost speed with 2+ threads (more parallel regions); see benchmarks/bench_snap.py."""
     init_std: float = 1.0
     """Std of the Gaussian initial codes (norm ~ init_std*sqrt(d_group)); see `Codebook`."""
     metadata: dict[str, Any] = field(default_factory=dict)
@@ -136,12 +138,11 @@ class Codebook(HookPoint):
     def _grouped(self, x: Tensor) -> tuple[Tensor, list]:
         """Flatten `[..., d_in]` or `[..., n_groups, d_group]` to `[rows, n_groups, d_group]`."""
         cfg = self.cfg
+        # reshape, not einops.pack: pack copies the input (torch.cat) even when a view would do.
         if x.shape[-1] == cfg.d_in:
-            rows, ps = pack([x], "* d")
-            return rows.view(rows.shape[0], cfg.n_groups, cfg.d_group), ps
+            return x.reshape(-1, cfg.n_groups, cfg.d_group), []
         if x.ndim >= 2 and cfg.n_groups > 1 and tuple(x.shape[-2:]) == (cfg.n_groups, cfg.d_group):
-            rows, ps = pack([x], "* g d")
-            return rows, ps
+            return x.reshape(-1, cfg.n_groups, cfg.d_group), []
         accepted = f"[..., {cfg.d_in}]"
         if cfg.n_groups > 1:
             accepted += f" or [..., {cfg.n_groups}, {cfg.d_group}]"
@@ -228,7 +229,9 @@ class Codebook(HookPoint):
         hits = torch.bincount((ids + offsets).flatten(), minlength=groups * num_codes)
         self.code_hits += hits.view(groups, num_codes)
         self.tokens_seen += rows.shape[0]
-        self.squared_error_sum += (quantized.detach() - rows.detach()).pow(2).sum().double()
+        self.squared_error_sum += (
+            torch.sub(quantized.detach(), rows.detach()).pow_(2).sum().double()
+        )
 
     def reset_stats(self) -> None:
         self.code_hits.zero_()

@@ -56,17 +56,20 @@ def code_scores(
 
 def _ranking_keys(
     codes: Tensor, similarity: str, dtype: torch.dtype
-) -> tuple[Tensor, Tensor | None]:
-    """Keys and per-code bias whose `x . key + bias` ranks codes exactly like the similarity.
+) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """Keys, per-code bias and per-code scale whose `(x . key + bias) * scale` ranks codes
+    exactly like the similarity.
 
     Cosine ranks like inner product (dividing by |x| is the same for every code of a row), and
-    -|x - c| ranks like 2 x.c - |c|^2 (|x|^2 is the same for every code of a row), which turns
-    every similarity into one batched matmul.
+    -|x - c| ranks like x.c - |c|^2/2 (|x|^2 is the same for every code of a row), which turns
+    every similarity into one batched matmul against the codes themselves. Inner product
+    scales each chunk of scores by 1/|c| in place rather than copying the codes normalised
+    (a codes-sized temporary).
     """
     codes = codes.detach().to(dtype)
     if similarity == "euclidean":
-        return 2 * codes, -(codes * codes).sum(-1)
-    return l2norm(codes), None
+        return codes, -0.5 * (codes * codes).sum(-1), None
+    return codes, None, codes.norm(dim=-1).clamp_min(1e-12).reciprocal()
 
 
 def select_codes(
@@ -77,27 +80,34 @@ def select_codes(
     chunk_size: int,
     disabled: Bool[Tensor, "groups num_codes"] | None = None,
 ) -> Int[Tensor, "rows groups k"]:
-    """Top-k code ids per row and group, best first, scoring `chunk_size` (row, group) pairs at a time.
+    """Top-k code ids per row and group, best first, scoring `chunk_size` rows (all groups) at a time.
 
+    One score buffer of `chunk_size x groups x num_codes` floats is reused across chunks, so the
+    peak is one chunk (chunk_size / rows of the full score matrix), not two.
     `disabled` codes get score -inf, so the next best codes are chosen instead (ablation).
     """
     check_similarity(similarity)
     rows, groups, _ = x.shape
-    keys, bias = _ranking_keys(codes, similarity, x.dtype)
+    num_codes = codes.shape[1]
+    keys, bias, scale = _ranking_keys(codes, similarity, x.dtype)
     keys_t = keys.transpose(1, 2)  # [groups, d, num_codes]
     if disabled is not None and bool(disabled.any()):
         extra = torch.zeros(disabled.shape, dtype=x.dtype, device=x.device)
         extra = extra.masked_fill(disabled, float("-inf"))
         bias = extra if bias is None else bias + extra
     ids = torch.empty(rows, groups, k, dtype=torch.long, device=x.device)
-    step = max(1, chunk_size // groups)
+    step = min(chunk_size, max(rows, 1))
+    buffer = torch.empty(groups * step * num_codes, dtype=x.dtype, device=x.device)
     with torch.no_grad():
         for start in range(0, rows, step):
             chunk = x[start : start + step].detach().transpose(0, 1)  # [groups, n, d]
-            if bias is None:
-                scores = torch.bmm(chunk, keys_t)
-            else:
-                scores = torch.baddbmm(bias.unsqueeze(1), chunk, keys_t)
+            scores = buffer[: chunk.numel() // chunk.shape[-1] * num_codes]
+            scores = scores.view(groups, chunk.shape[1], num_codes)
+            torch.bmm(chunk, keys_t, out=scores)
+            if scale is not None:
+                scores.mul_(scale.unsqueeze(1))
+            if bias is not None:
+                scores.add_(bias.unsqueeze(1))
             ids[start : start + step] = scores.topk(k, dim=-1).indices.transpose(0, 1)
     return ids
 
@@ -137,11 +147,13 @@ class _SnapGradients(torch.autograd.Function):
         grad_x = grad_q = grad
         if ctx.commitment or ctx.reconstruction:
             x, quantized = ctx.saved_tensors
-            diff = (quantized - x).mul_(2.0 / ctx.n_tokens)
+            # grad +- c * (q - x) with one new tensor each, no (q - x) temporary.
             if ctx.reconstruction:
-                grad_q = grad + ctx.reconstruction * diff
+                r = 2.0 * ctx.reconstruction / ctx.n_tokens
+                grad_q = torch.add(grad, quantized, alpha=r).sub_(x, alpha=r)
             if ctx.commitment:
-                grad_x = grad - ctx.commitment * diff
+                c = 2.0 * ctx.commitment / ctx.n_tokens
+                grad_x = torch.add(grad, x, alpha=c).sub_(quantized, alpha=c)
         return grad_x, grad_q, None, None, None
 
 
