@@ -9,6 +9,11 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from transformer_lens import HookedTransformerConfig  # noqa: E402
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # one torch thread per xdist worker: two workers x two threads on two cores run tiny ops
+    # many times slower than one thread each
+    torch.set_num_threads(1)
+
 
 def tiny_config(**overrides) -> HookedTransformerConfig:
     """A 2-layer, d_model 16, 4-head model over 11 tokens: fast enough for every test."""
