@@ -23,8 +23,8 @@ test: $(STAMP)
 	$(BIN)/pytest -n 2 --dist loadfile -q $(ARGS)
 
 lint: $(STAMP)
-	$(BIN)/ruff check .
-	$(BIN)/ruff format --check .
+	$(BIN)/ruff check tl_codebook tests benchmarks
+	$(BIN)/ruff format --check tl_codebook tests benchmarks
 
 typecheck: $(STAMP)
 	$(BIN)/mypy tl_codebook
