@@ -18,9 +18,14 @@ SUBCOMMANDS: dict[str, tuple[str, SubcommandSetup]] = {}
 
 def _register_builtin_commands() -> None:
     from tl_codebook.comparisons.cli import add_compare_command
+    from tl_codebook.fsm.cli import add_demo_command
     from tl_codebook.training.cli import add_train_command
 
     builtin = {
+        "demo": (
+            "The paper's TokFSM experiment end to end: train, find state codes, steer, report.",
+            add_demo_command,
+        ),
         "train": (
             "Train codebooks on a TransformerLens model (frozen or joint).",
             add_train_command,

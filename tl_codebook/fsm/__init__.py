@@ -14,15 +14,42 @@ from tl_codebook.fsm.metrics import (
     transition_accuracy,
 )
 
+_LAZY = {
+    # the experiment and its report pull in matplotlib, k-means, ...: imported when first used
+    "ExperimentConfig": "tl_codebook.fsm.experiment",
+    "run_experiment": "tl_codebook.fsm.experiment",
+    "evaluate_interventions": "tl_codebook.fsm.steering",
+    "state_code_scores": "tl_codebook.fsm.steering",
+    "steering_codes": "tl_codebook.fsm.steering",
+    "summarize_state_codes": "tl_codebook.fsm.steering",
+    "write_report": "tl_codebook.fsm.report",
+}
+
+
+def __getattr__(name: str):  # noqa: ANN202 - module-level lazy attribute
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 __all__ = [
+    "ExperimentConfig",
     "FSM",
     "FSMConfig",
     "TokFSMDataset",
     "TransitionAccuracy",
     "determined_states",
+    "evaluate_interventions",
     "first_transition_accuracy_exact",
     "next_token_loss",
+    "run_experiment",
     "sample_sequences",
     "sample_transition_accuracy",
+    "state_code_scores",
+    "steering_codes",
+    "summarize_state_codes",
     "transition_accuracy",
+    "write_report",
 ]
