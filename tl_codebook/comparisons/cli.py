@@ -77,20 +77,9 @@ class TokFSMModelConfig:
         )
 
     def model_config(self, vocab_size: int, device: str) -> dict[str, Any]:
-        return dict(
-            n_layers=self.n_layers,
-            d_model=self.d_model,
-            n_heads=self.n_heads,
-            d_head=self.d_model // self.n_heads,
-            d_mlp=self.d_mlp,
-            n_ctx=self.seq_len,
-            d_vocab=vocab_size,
-            act_fn="gelu",
-            normalization_type="LN",
-            positional_embedding_type="rotary",
-            seed=self.seed,
-            device=device,
-        )
+        from tl_codebook.fsm.experiment import tokfsm_model_kwargs
+
+        return tokfsm_model_kwargs(self, vocab_size, device)
 
 
 def train_tokfsm_model(

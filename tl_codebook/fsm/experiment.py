@@ -49,6 +49,27 @@ REPORT_EVERY_S = 60.0
 """During training, metrics.json is rewritten every 100 steps, the report at most this often."""
 
 
+def tokfsm_model_kwargs(
+    shape: Any, vocab_size: int, device: str, positional_embedding_type: str = "rotary"
+) -> dict[str, Any]:
+    """HookedTransformerConfig arguments of a TokFSM model, from any config with the fields
+    n_layers, d_model, n_heads, d_mlp, seq_len and seed (the demo's and the comparison's)."""
+    return dict(
+        n_layers=shape.n_layers,
+        d_model=shape.d_model,
+        n_heads=shape.n_heads,
+        d_head=shape.d_model // shape.n_heads,
+        d_mlp=shape.d_mlp,
+        n_ctx=shape.seq_len,
+        d_vocab=vocab_size,
+        act_fn="gelu",
+        normalization_type="LN",
+        positional_embedding_type=positional_embedding_type,
+        seed=shape.seed,
+        device=device,
+    )
+
+
 @dataclass
 class ExperimentConfig:
     """Everything that defines a TokFSM run (flat, so each field is one `--set key=value`).
@@ -225,18 +246,7 @@ class ExperimentConfig:
 
     def model_config(self, vocab_size: int, device: str) -> HookedTransformerConfig:
         return HookedTransformerConfig(
-            n_layers=self.n_layers,
-            d_model=self.d_model,
-            n_heads=self.n_heads,
-            d_head=self.d_model // self.n_heads,
-            d_mlp=self.d_mlp,
-            n_ctx=self.seq_len,
-            d_vocab=vocab_size,
-            act_fn="gelu",
-            normalization_type="LN",
-            positional_embedding_type=self.positional_embedding_type,
-            seed=self.seed,
-            device=device,
+            **tokfsm_model_kwargs(self, vocab_size, device, self.positional_embedding_type)
         )
 
     def hook_names(self) -> list[str]:
