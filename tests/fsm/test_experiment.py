@@ -47,6 +47,8 @@ def test_cli_options_build_the_config():
     assert config_from_args(demo_parser().parse_args(["--paper-scale"])) == ExperimentConfig.paper()
     with pytest.raises(ValueError, match="did you mean base_steps"):
         config_from_args(demo_parser().parse_args(["--set", "base_step=3"]))
+    bad = demo_parser().parse_args(["--set", "base_step=3"])
+    assert bad.func(bad) == 2  # an error message, not a traceback
 
 
 def test_loss_floor_known_answer():

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import difflib
 import json
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -101,7 +102,11 @@ def config_from_args(args: argparse.Namespace):  # noqa: ANN201 - ExperimentConf
 def run_demo(args: argparse.Namespace) -> int:
     from tl_codebook.fsm.experiment import run_experiment
 
-    config = config_from_args(args)
+    try:
+        config = config_from_args(args)
+    except (ValueError, OSError) as err:  # a bad --set / --config: say so, no traceback
+        print(f"tl-codebook demo: error: {err}", file=sys.stderr)
+        return 2
     out = args.out or Path("runs") / time.strftime("tokfsm-%Y%m%d-%H%M%S")
     metrics = run_experiment(config, out)
     print(json.dumps({k: metrics.get(k) for k in _SUMMARY_KEYS}, indent=2))
