@@ -43,7 +43,7 @@ def tokens() -> torch.Tensor:
     return torch.randint(0, 11, (3, 9), generator=torch.Generator().manual_seed(0))
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def make_tiny_cfg():
     """Factory for `tiny_config(**overrides)` (test modules cannot import conftest directly)."""
     return tiny_config

@@ -25,10 +25,10 @@ HOOK_Z = "blocks.1.attn.hook_z"
 
 
 @pytest.fixture(scope="module")
-def tokfsm(tmp_path_factory, make_tiny_cfg_module):
+def tokfsm(tmp_path_factory, make_tiny_cfg):
     """An (untrained) model over a small TokFSM, with a training and an evaluation store."""
     fsm = FSM.generate(FSMConfig(n_states=6, n_edges=2, base=3, seed=0))
-    model = HookedCodebookTransformer(make_tiny_cfg_module(d_vocab=fsm.vocab_size, n_ctx=12)).eval()
+    model = HookedCodebookTransformer(make_tiny_cfg(d_vocab=fsm.vocab_size, n_ctx=12)).eval()
     data = TokFSMDataset(fsm, seq_len=12, seed=0)
     root = tmp_path_factory.mktemp("tokfsm")
     meta = {"fsm": fsm.to_dict()}
@@ -44,29 +44,6 @@ def tokfsm(tmp_path_factory, make_tiny_cfg_module):
         model, data.held_out(16), [RESID, HOOK_Z], root / "eval", metadata=meta, progress=False
     )
     return model, fsm, train, held_out
-
-
-@pytest.fixture(scope="module")
-def make_tiny_cfg_module():
-    from transformer_lens import HookedTransformerConfig
-
-    def make(**overrides):
-        kwargs = dict(
-            n_layers=2,
-            d_model=16,
-            n_ctx=32,
-            d_head=4,
-            n_heads=4,
-            d_mlp=32,
-            d_vocab=11,
-            act_fn="relu",
-            seed=0,
-            device="cpu",
-        )
-        kwargs.update(overrides)
-        return HookedTransformerConfig(**kwargs)
-
-    return make
 
 
 def small_config(fsm: FSM, **training) -> ComparisonConfig:
