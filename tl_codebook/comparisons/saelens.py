@@ -112,8 +112,28 @@ def _metadata(cfg: CodebookSAEConfig | CodebookTrainingSAEConfig) -> SAEMetadata
     return cast(SAEMetadata, cfg.metadata)
 
 
+class _CodebookShape:
+    """What both codebook SAE configs derive from their fields: architecture and code layout."""
+
+    d_in: int
+    d_sae: int
+    n_groups: int
+
+    @classmethod
+    def architecture(cls) -> str:
+        return ARCHITECTURE
+
+    @property
+    def num_codes(self) -> int:
+        return self.d_sae // self.n_groups
+
+    @property
+    def d_group(self) -> int:
+        return self.d_in // self.n_groups
+
+
 @dataclass
-class CodebookSAEConfig(SAEConfig):
+class CodebookSAEConfig(_CodebookShape, SAEConfig):
     """SAELens inference config of a codebook: d_sae = n_groups * num_codes.
 
     `chunk_size` is the codebook's scoring chunk (rows scored at once); `metadata.hook_name` is
@@ -133,21 +153,9 @@ class CodebookSAEConfig(SAEConfig):
         super().__post_init__()
         _check_codebook_sae_config(self)
 
-    @classmethod
-    def architecture(cls) -> str:
-        return ARCHITECTURE
-
-    @property
-    def num_codes(self) -> int:
-        return self.d_sae // self.n_groups
-
-    @property
-    def d_group(self) -> int:
-        return self.d_in // self.n_groups
-
 
 @dataclass
-class CodebookTrainingSAEConfig(TrainingSAEConfig):
+class CodebookTrainingSAEConfig(_CodebookShape, TrainingSAEConfig):
     """SAELens training config of a codebook; loss: SAELens' MSE (sum over dims, mean over tokens).
 
     Initial codes are i.i.d. N(0, init_std^2), as in `Codebook`; `decoder_init_norm` (SAELens'
@@ -171,18 +179,6 @@ class CodebookTrainingSAEConfig(TrainingSAEConfig):
             raise ValueError(
                 f"CodebookTrainingSAEConfig.init_std must be >= 0, got {self.init_std!r}."
             )
-
-    @classmethod
-    def architecture(cls) -> str:
-        return ARCHITECTURE
-
-    @property
-    def num_codes(self) -> int:
-        return self.d_sae // self.n_groups
-
-    @property
-    def d_group(self) -> int:
-        return self.d_in // self.n_groups
 
 
 class _CodebookSAEMixin(nn.Module):

@@ -106,6 +106,7 @@ class Trainer:
         for name, cb_cfg in self._new_sites().items():
             attach_codebook(model, Codebook(cb_cfg).to(self.device), name)
         self.codebooks = codebooks_of(model)
+        self._codebook_param_names = {f"{site}.codes" for site in self.codebooks}
         self.base_requires_grad = {
             n: p.requires_grad for n, p in model.named_parameters() if not self._is_codebook(n)
         }
@@ -136,7 +137,7 @@ class Trainer:
         return {name: c for name, c in wanted.items() if name not in present}
 
     def _is_codebook(self, param_name: str) -> bool:
-        return any(param_name == f"{site}.codes" for site in codebooks_of(self.model))
+        return param_name in self._codebook_param_names
 
     def _make_optimizer(self) -> torch.optim.Optimizer:
         cfg = self.config
