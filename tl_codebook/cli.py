@@ -57,13 +57,39 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, TypeError, KeyError, OSError)
+"""What a subcommand raises for bad input (a bad value, a missing or unreadable file, a locked
+run directory): `main` prints one line naming it and exits 2. `--traceback` shows the stack."""
+
+EXIT_USER_ERROR = 2
+
+
+def user_error_message(err: BaseException) -> str:
+    """The one line printed for a user error: the message, or the exception's name when empty."""
+    text = str(err.args[0]) if isinstance(err, KeyError) and err.args else str(err)
+    text = " ".join(text.split())  # one line, however the message was built
+    return text or type(err).__name__
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run `tl-codebook`; every user error is one line on stderr and exit code 2."""
+    from tl_codebook.files import RunDirLockedError
+
     parser = build_parser()
+    parser.add_argument(
+        "--traceback", action="store_true", help="show the full traceback of an error"
+    )
     args = parser.parse_args(argv)
     if getattr(args, "func", None) is None:
         parser.print_help()
         return 0
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except (*USER_ERRORS, RunDirLockedError) as err:
+        if args.traceback:
+            raise
+        print(f"tl-codebook {args.command}: error: {user_error_message(err)}", file=sys.stderr)
+        return EXIT_USER_ERROR
 
 
 if __name__ == "__main__":
