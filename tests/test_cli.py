@@ -72,32 +72,12 @@ def test_train_command_on_a_local_tokenized_file(tmp_path, tiny_cfg):
 def test_train_command_rejects_bad_flags_before_work(tmp_path, tiny_cfg, capsys):
     cfg_path = tmp_path / "model.json"
     cfg_path.write_text(json.dumps(tiny_cfg.to_dict(), default=str))
-    with pytest.raises(ValueError, match="unknown option 'kk'"):
-        main(
-            [
-                "train",
-                "--model",
-                str(cfg_path),
-                "--dataset",
-                "x.txt",
-                "--at",
-                "hook_mlp_out:kk=2",
-                "--out",
-                str(tmp_path / "o"),
-            ]
-        )
+    argv = ["train", "--model", str(cfg_path), "--dataset", "x.txt", "--out", str(tmp_path / "o")]
+    assert main([*argv, "--at", "hook_mlp_out:kk=2"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("tl-codebook train: error: ") and err.count("\n") == 1
+    assert "unknown option 'kk'" in err
+    assert not (tmp_path / "o").exists()  # no work started, nothing written
     with pytest.raises(SystemExit):
-        main(
-            [
-                "train",
-                "--model",
-                str(cfg_path),
-                "--dataset",
-                "x.txt",
-                "--mode",
-                "frozn",
-                "--out",
-                "o",
-            ]
-        )
+        main([*argv, "--mode", "frozn"])
     assert "invalid choice: 'frozn'" in capsys.readouterr().err

@@ -60,9 +60,7 @@ def test_resaving_a_step_replaces_it(tmp_path):
     save_checkpoint(tmp_path, 5, {"x": torch.tensor([2])}, {"v": 2})
     step, tensors, state = load_latest_checkpoint(tmp_path)
     assert (step, tensors["x"].item(), state) == (5, 2, {"v": 2})
-    assert [p.name for p in tmp_path.iterdir()] == ["latest", "step-00000005"] or sorted(
-        p.name for p in tmp_path.iterdir()
-    ) == ["latest", "step-00000005"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step-00000005"]
 
 
 def test_leftover_temporaries_are_ignored_then_cleaned(tmp_path):
