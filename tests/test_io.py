@@ -113,3 +113,23 @@ def test_codes_shape_must_fit_config(tmp_path):
         CodebookFileError, match=r"codes of shape \(1, 3, 4\) do not fit the config \(1, 5, 4\)"
     ):
         Codebook.load(tmp_path / "cb")
+
+
+def write_model_json(path, make_tiny_cfg, **extra):
+    data = {**make_tiny_cfg().to_dict(), **extra}
+    data["dtype"] = str(data["dtype"])
+    path.write_text(json.dumps(data, default=str))
+    return path
+
+
+def test_a_config_file_cannot_turn_on_remote_code(make_tiny_cfg, tmp_path):
+    """A file asking for trust_remote_code is refused: only the caller may allow running code."""
+    from tl_codebook.io import load_model
+
+    path = write_model_json(tmp_path / "model.json", make_tiny_cfg, trust_remote_code=True)
+    with pytest.raises(ValueError, match=r"model\.json.*trust_remote_code.*--trust-remote-code"):
+        load_model(str(path))
+    allowed = load_model(str(path), trust_remote_code=True)
+    assert allowed.cfg.trust_remote_code is True
+    plain = write_model_json(tmp_path / "plain.json", make_tiny_cfg)
+    assert load_model(str(plain)).cfg.trust_remote_code is False

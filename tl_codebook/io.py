@@ -215,6 +215,7 @@ def load_model(
     model: str,
     device: str | None = None,
     architecture: str | None = None,
+    trust_remote_code: bool = False,
     **from_pretrained_kwargs: Any,
 ):  # noqa: ANN201 - returns HookedCodebookTransformer
     """A HookedCodebookTransformer the TransformerLens way, from one string.
@@ -223,14 +224,28 @@ def load_model(
     - a local directory of a Hugging Face model: loaded with transformers, converted by
       TransformerLens as `architecture` (a TransformerLens model name, e.g. "gpt2");
     - anything else: a name for `HookedTransformer.from_pretrained` (downloads from the hub).
+
+    `trust_remote_code` (the CLI's `--trust-remote-code`) is the only way to let a model or
+    tokenizer run Python code from its files: a config file that asks for it is refused, because
+    reading a file must never run code the user did not ask for.
     """
     from transformer_lens import HookedTransformerConfig
 
     from tl_codebook.hooks.model import HookedCodebookTransformer
 
+    if not isinstance(trust_remote_code, bool):
+        raise TypeError(f"trust_remote_code must be True or False, got {trust_remote_code!r}.")
     path = Path(model)
     if path.suffix == ".json":
         data = _read_json(path)
+        asked = data.get("trust_remote_code", False)
+        if asked is not False and asked is not None and not trust_remote_code:
+            raise ValueError(
+                f"{path} sets trust_remote_code={asked!r}, which would let its tokenizer or model "
+                "files run Python code; a file cannot allow that. Pass --trust-remote-code "
+                "(load_model(..., trust_remote_code=True)) if you trust that code."
+            )
+        data["trust_remote_code"] = trust_remote_code and bool(asked)
         if isinstance(
             data.get("dtype"), str
         ):  # "torch.float32" as written by json.dumps(default=str)
@@ -248,9 +263,14 @@ def load_model(
 
         return HookedCodebookTransformer.from_pretrained(
             architecture,
-            hf_model=AutoModelForCausalLM.from_pretrained(path),
-            tokenizer=AutoTokenizer.from_pretrained(path),
+            hf_model=AutoModelForCausalLM.from_pretrained(
+                path, trust_remote_code=trust_remote_code
+            ),
+            tokenizer=AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code),
             device=device,
+            trust_remote_code=trust_remote_code,
             **from_pretrained_kwargs,
         )
-    return HookedCodebookTransformer.from_pretrained(model, device=device, **from_pretrained_kwargs)
+    return HookedCodebookTransformer.from_pretrained(
+        model, device=device, trust_remote_code=trust_remote_code, **from_pretrained_kwargs
+    )
