@@ -19,7 +19,7 @@ T = TypeVar("T")
 
 
 def did_you_mean(value: object, valid: Iterable[str], n: int = 1) -> str:
-    """" Did you mean 'x'?" for the closest valid names to `value`, or "" when none is close."""
+    """ " Did you mean 'x'?" for the closest valid names to `value`, or "" when none is close."""
     close = difflib.get_close_matches(str(value), [str(v) for v in valid], n=n)
     if not close:
         return ""

@@ -138,7 +138,7 @@ def remove_leftovers(directory: str | os.PathLike) -> None:
 
 def check_safe_name(name: str, what: str = "name") -> str:
     """Return `name` if it can be used as one path component: `[A-Za-z0-9._-]+`, not `.`/`..`."""
-    if not isinstance(name, str) or not SAFE_NAME.match(name) or name in (".", ".."):
+    if not isinstance(name, str) or not SAFE_NAME.fullmatch(name) or name in (".", ".."):
         raise ValueError(
             f"{what} {name!r} is not allowed: use letters, digits, '.', '_' and '-' only "
             "(it becomes a file or directory name)."
