@@ -7,20 +7,23 @@ base model) and `joint` (the paper's method: the model is fine-tuned with its co
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from tl_codebook.configs import dataclass_from_dict
+from tl_codebook.configs import check_choice, dataclass_from_dict
 from tl_codebook.snap import check_similarity
 from tl_codebook.training.sites import SiteSpec
 
 MODES = ("frozen", "joint")
 SCHEDULES = ("constant", "cosine", "linear")
 CODEBOOK_INITS = ("random", "activations", "kmeans")
+"""How codebooks start (see `tl_codebook.training.codebook_init.initialise_codebook`)."""
+MSE_REDUCTIONS = ("mean", "sum_over_dims")
 
 # Keys that may differ between a run and its resumption (they do not change what is computed).
+# `steps` is checked apart: it may differ only under the constant schedule (cosine and linear
+# decay over `steps`), and never below the checkpoint's step.
 RESUMABLE_DIFFERENCES = (
     "steps",
     "log_every",
@@ -32,19 +35,14 @@ RESUMABLE_DIFFERENCES = (
 )
 
 
-def _choice(name: str, value: str, valid: tuple[str, ...]) -> None:
-    if value not in valid:
-        close = difflib.get_close_matches(str(value), valid, n=1)
-        hint = f" Did you mean {close[0]!r}?" if close else ""
-        raise ValueError(f"TrainConfig.{name}={value!r} is not one of {', '.join(valid)}.{hint}")
-
-
 @dataclass
 class TrainConfig:
     """Settings of one training run. Defaults follow the paper where it has one."""
 
     mode: str = "joint"
-    sites: list[SiteSpec] = field(default_factory=list)
+    sites: list[SiteSpec | str | dict[str, Any]] = field(default_factory=list)
+    """Where codebooks go: `SiteSpec`s, the CLI's spec strings ("attn.hook_z:group:k=2") or
+    their JSON dicts; all become `SiteSpec`s on construction."""
     layers: str = "all"
     """Layers for sites that do not name their own."""
     num_codes: int = 1000
@@ -61,14 +59,27 @@ class TrainConfig:
     model_weight_decay: float = 0.0
     warmup_steps: int = 0
     schedule: str = "constant"
+    min_lr_fraction: float = 0.0
+    """Cosine and linear decay end at this fraction of the base learning rate (see `lr_factor`)."""
     grad_clip: float | None = None
     mse_coef: float = 1.0
-    """Frozen mode: weight of the reconstruction MSE (mean over tokens and dims) per codebook."""
+    """Frozen mode: weight of each codebook's reconstruction MSE (see `mse_reduction`)."""
+    mse_reduction: str = "mean"
+    """Frozen mode: "mean" over tokens and dimensions, or "sum_over_dims" (summed over the
+    dimensions, averaged over tokens: SAELens' MSE loss, whose scale `grad_clip` then sees)."""
     kl_coef: float = 0.0
     """Frozen mode: weight of KL(base model || codebook model) on next-token distributions."""
     codebook_init: str = "random"
+    """"random": codebooks the trainer creates start as Gaussian codes drawn from `seed` (codebooks
+    already in place keep theirs); "activations" (distinct random inputs) and "kmeans" (k-means
+    centres of the inputs) set every trained codebook from the first `init_batches` batches."""
     init_batches: int = 4
     """Batches of activations used by the 'activations' and 'kmeans' initialisations."""
+    exclude_token_ids: list[int] | None = None
+    """Positions holding these tokens are never samples for the 'activations'/'kmeans' init or
+    dead-code replacement (a BOS activation is an outlier). None: the model tokenizer's BOS id
+    when it has one, else nothing; [] excludes nothing. Activations given directly
+    (`train_codebooks_on_activations`) carry no tokens: exclude those rows before."""
     kmeans_iters: int = 25
     dead_code_every: int = 0
     """Replace codes unused over the last N steps by recent inputs plus noise; 0 = never."""
@@ -85,9 +96,10 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         self.sites = [s if isinstance(s, SiteSpec) else SiteSpec.from_dict(s) for s in self.sites]
-        _choice("mode", self.mode, MODES)
-        _choice("schedule", self.schedule, SCHEDULES)
-        _choice("codebook_init", self.codebook_init, CODEBOOK_INITS)
+        check_choice("TrainConfig.mode", self.mode, MODES)
+        check_choice("TrainConfig.schedule", self.schedule, SCHEDULES)
+        check_choice("TrainConfig.codebook_init", self.codebook_init, CODEBOOK_INITS)
+        check_choice("TrainConfig.mse_reduction", self.mse_reduction, MSE_REDUCTIONS)
         check_similarity(self.similarity)
         for name in (
             "num_codes",
@@ -120,10 +132,22 @@ class TrainConfig:
                 raise ValueError(f"TrainConfig.{name} must be finite and >= 0, got {value!r}.")
         if self.seq_len is not None and self.seq_len < 1:
             raise ValueError(f"TrainConfig.seq_len must be >= 1 or None, got {self.seq_len}.")
+        if not 0.0 <= self.min_lr_fraction <= 1.0:
+            raise ValueError(
+                f"TrainConfig.min_lr_fraction must be between 0 and 1, got {self.min_lr_fraction!r}."
+            )
+        if self.exclude_token_ids is not None:
+            ids = self.exclude_token_ids
+            if not isinstance(ids, (list, tuple)) or any(
+                isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in ids
+            ):
+                raise ValueError(
+                    f"TrainConfig.exclude_token_ids must be a list of token ids (integers >= 0) "
+                    f"or None, got {ids!r}."
+                )
+            self.exclude_token_ids = list(ids)
         if self.grad_clip is not None and not self.grad_clip > 0:
             raise ValueError(f"TrainConfig.grad_clip must be > 0 or None, got {self.grad_clip}.")
-        if self.mode == "frozen" and not self.sites:
-            raise ValueError("Frozen mode trains only codebooks: give at least one site.")
 
     def codebook_defaults(self) -> dict[str, Any]:
         return {"num_codes": self.num_codes, "k": self.k, "similarity": self.similarity}

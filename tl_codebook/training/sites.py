@@ -10,6 +10,7 @@ Spec grammar: `SITE[:group][:key=value ...]`, SITE a per-layer hook name relativ
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,7 +40,10 @@ class SiteSpec:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> SiteSpec:
+    def from_dict(cls, data: dict[str, Any] | str) -> SiteSpec:
+        """From its JSON form, or from the spec string the CLI takes (`parse_site`)."""
+        if isinstance(data, str):
+            return parse_site(data)
         return dataclass_from_dict(cls, data)
 
 
@@ -105,14 +109,16 @@ def parse_layers(layers: str | list[int], n_layers: int) -> list[int]:
 
 def resolve_sites(
     model: HookedTransformer,
-    specs: list[SiteSpec],
+    specs: Sequence[SiteSpec | str | dict[str, Any]],
     defaults: dict[str, object] | None = None,
     layers: str = "all",
 ) -> dict[str, CodebookConfig]:
-    """Concrete hook names and codebook configs for `specs` on `model` (widths probed)."""
+    """Concrete hook names and codebook configs for `specs` on `model` (widths probed).
+
+    `specs` are `SiteSpec`s, spec strings (`parse_site`) or their JSON dicts."""
     defaults = dict(defaults or {})
     resolved: dict[str, CodebookConfig] = {}
-    for spec in specs:
+    for spec in (s if isinstance(s, SiteSpec) else SiteSpec.from_dict(s) for s in specs):
         if spec.at in model.hook_dict or not model.cfg.n_layers:
             names = [spec.at]
         else:
@@ -126,19 +132,39 @@ def resolve_sites(
             for size in shape:
                 d_in *= size
             options = {**defaults, **spec.options}
-            if spec.group:
-                if len(shape) != 2:
-                    raise ValueError(
-                        f"Site {name!r} has per-token shape {shape}; ':group' needs a per-head "
-                        "activation [n_heads, d_head] such as attn.hook_z."
-                    )
-                options["n_groups"] = shape[0]
-            elif len(shape) == 2 and "n_groups" not in options:
+            if len(shape) == 2:
+                _check_per_head(spec, name, shape, options)
+            elif spec.group:
                 raise ValueError(
-                    f"Site {name!r} is per head (shape {shape}); add ':group' for one codebook "
-                    f"group per head, or ':n_groups=1' for one codebook over all {d_in} dims."
+                    f"Site {name!r} has per-token shape {shape}; ':group' needs a per-head "
+                    "activation [n_heads, d_head] such as attn.hook_z."
                 )
             if name in resolved:
                 raise ValueError(f"Site {name!r} is named by more than one spec.")
             resolved[name] = CodebookConfig(d_in=d_in, hook_name=name, **options)  # type: ignore[arg-type]
     return resolved
+
+
+def _check_per_head(
+    spec: SiteSpec, name: str, shape: tuple[int, ...], options: dict[str, object]
+) -> None:
+    """A per-head site `[n_heads, d_head]` takes one codebook group per head (`:group`, or
+    n_groups equal to the head count): a codebook sees a head's vector as one group."""
+    n_heads = shape[0]
+    if spec.group:
+        options["n_groups"] = n_heads
+        return
+    if options.get("n_groups") == n_heads:
+        return
+    grouped = f"{spec.at}:group"
+    flat = spec.at.rpartition("attn.")[0] + "hook_attn_out" if "attn." in spec.at else None
+    instead = f", or use {flat!r} for one codebook over the attention output" if flat else ""
+    given = (
+        f"n_groups={options['n_groups']} does not fit its {n_heads} heads; "
+        if ("n_groups" in options)
+        else ""
+    )
+    raise ValueError(
+        f"Site {name!r} is per head (shape {shape}): {given}add ':group' ({grouped!r}) for one "
+        f"codebook group per head{instead}."
+    )
