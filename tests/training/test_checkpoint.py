@@ -11,6 +11,7 @@ import torch
 
 from tl_codebook.training.checkpoint import (
     CheckpointError,
+    DamagedCheckpointWarning,
     ensure_writable,
     list_checkpoints,
     load_checkpoint,
@@ -90,6 +91,25 @@ def test_corrupt_checkpoint_raises_naming_it(tmp_path):
     (path / "tensors.safetensors").write_bytes(b"garbage")
     with pytest.raises(CheckpointError, match="step-00000004"):
         load_latest_checkpoint(tmp_path)
+
+
+@pytest.mark.parametrize("damage", ["tensors.safetensors", "state.json"])
+def test_damaged_latest_checkpoint_falls_back_to_the_previous_complete_one(tmp_path, damage):
+    for step in (1, 2, 3):
+        save_checkpoint(tmp_path, step, {"x": torch.tensor([step])}, {"v": step})
+    damaged = tmp_path / "step-00000003" / damage
+    damaged.write_bytes(damaged.read_bytes()[: len(damaged.read_bytes()) // 2])  # truncated
+    with pytest.warns(DamagedCheckpointWarning, match=r"step-00000003.*step-00000002"):
+        step, tensors, state = load_latest_checkpoint(tmp_path)
+    assert (step, tensors["x"].item(), state) == (2, 2, {"v": 2})
+
+
+def test_fallback_goes_to_steps_before_the_pointer_not_later_leftovers(tmp_path):
+    for step in (10, 30, 12):  # resumed from step 10: step 30 belongs to the abandoned run
+        save_checkpoint(tmp_path, step, {"x": torch.tensor([step])}, {})
+    (tmp_path / "step-00000012" / "state.json").write_text("{")
+    with pytest.warns(DamagedCheckpointWarning, match="step-00000012"):
+        assert load_latest_checkpoint(tmp_path).step == 10
 
 
 @pytest.mark.parametrize("failing_call", [1, 2, 3])

@@ -10,6 +10,7 @@ import random
 import re
 import shutil
 import uuid
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -20,17 +21,21 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from tl_codebook.files import TEMP_PREFIX, atomic_write_bytes, fsync_path, remove_leftovers
+
 TENSORS_FILE = "tensors.safetensors"
 STATE_FILE = "state.json"
 LATEST_POINTER = "latest"
 FORMAT_VERSION = 1
-# Everything being written, or left behind by a writer that died, starts with this prefix.
-_TEMP_PREFIX = ".tmp-"
 _STEP_DIR = re.compile(r"^step-(\d{8,})$")
 
 
 class CheckpointError(ValueError):
     """A checkpoint directory that cannot be written, or a checkpoint that cannot be read."""
+
+
+class DamagedCheckpointWarning(UserWarning):
+    """The latest checkpoint cannot be read; an earlier complete one is used instead."""
 
 
 class Checkpoint(NamedTuple):
@@ -42,7 +47,7 @@ class Checkpoint(NamedTuple):
 def ensure_writable(directory: str | os.PathLike) -> Path:
     """Create `directory` if needed and prove a file can be written and synced in it."""
     path = Path(directory)
-    probe = path / f"{_TEMP_PREFIX}probe-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    probe = path / f"{TEMP_PREFIX}probe-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
         path.mkdir(parents=True, exist_ok=True)
         with open(probe, "wb") as file:
@@ -81,26 +86,27 @@ def save_checkpoint(
     ).encode()
     cpu_tensors = _unshared_cpu_tensors(tensors)
     root = ensure_writable(directory)
-    _remove_leftovers(root)
+    remove_leftovers(root)
 
     final = root / f"step-{step:08d}"
-    temp = root / f"{_TEMP_PREFIX}{final.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    temp = root / f"{TEMP_PREFIX}{final.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     replaced = None
     temp.mkdir()
     try:
         save_file(cpu_tensors, str(temp / TENSORS_FILE), metadata={"step": str(step)})
-        _fsync_path(temp / TENSORS_FILE)
-        _write_synced(temp / STATE_FILE, state_bytes)
-        _fsync_path(temp)
+        fsync_path(temp / TENSORS_FILE)
+        (temp / STATE_FILE).write_bytes(state_bytes)  # inside the temporary directory
+        fsync_path(temp / STATE_FILE)
+        fsync_path(temp)
         if final.exists():
-            replaced = root / f"{_TEMP_PREFIX}replaced-{final.name}-{uuid.uuid4().hex[:8]}"
+            replaced = root / f"{TEMP_PREFIX}replaced-{final.name}-{uuid.uuid4().hex[:8]}"
             os.rename(final, replaced)
         os.rename(temp, final)
-        _fsync_path(root)
+        fsync_path(root)
     except BaseException:
         shutil.rmtree(temp, ignore_errors=True)
         raise
-    _replace_synced(root / LATEST_POINTER, f"{final.name}\n".encode())
+    atomic_write_bytes(root / LATEST_POINTER, f"{final.name}\n".encode())
     if replaced is not None:
         shutil.rmtree(replaced, ignore_errors=True)
     if keep_last is not None:
@@ -142,18 +148,44 @@ def load_latest_checkpoint(
 
     The pointer decides (a run resumed from an earlier step may have newer-numbered leftovers);
     without a pointer, or when it names a directory that is gone (a writer died mid re-save),
-    the highest complete step directory is used. Temporary directories are never read.
+    the highest complete step directory is used. Temporary directories are never read. When
+    that checkpoint is damaged (a disk fault, a hand edit), the next earlier one that reads is
+    used, with a `DamagedCheckpointWarning` naming the damaged one: losing a few steps beats
+    losing the run. With no readable checkpoint the first error is raised.
     """
     root = Path(directory)
     pointer = root / LATEST_POINTER
+    complete = list_checkpoints(root)
+    latest = complete[-1] if complete else None
     if pointer.is_file():
         name = pointer.read_text().strip()
         if not _STEP_DIR.match(name):
             raise CheckpointError(f"{str(pointer)!r} names {name!r}, which is not a step-N dir")
         if (root / name).is_dir():
-            return load_checkpoint(root / name, device)
-    complete = list_checkpoints(root)
-    return load_checkpoint(complete[-1], device) if complete else None
+            latest = root / name
+    if latest is None:
+        return None
+    candidates = [latest] + [p for p in reversed(complete) if _step_of(p) < _step_of(latest)]
+    first_error: CheckpointError | None = None
+    for path in candidates:
+        try:
+            checkpoint = load_checkpoint(path, device)
+        except CheckpointError as error:
+            first_error = first_error or error
+            continue
+        if first_error is not None:
+            warnings.warn(
+                f"{first_error}; resuming from the earlier complete checkpoint {str(path)!r}",
+                DamagedCheckpointWarning,
+                stacklevel=2,
+            )
+        return checkpoint
+    assert first_error is not None
+    raise first_error
+
+
+def _step_of(path: Path) -> int:
+    return int(path.name.removeprefix("step-"))
 
 
 def optimizer_state_to_checkpoint(
@@ -299,40 +331,8 @@ def _decode_json(value: Any) -> Any:
     return value
 
 
-def _remove_leftovers(root: Path) -> None:
-    for leftover in root.glob(f"{_TEMP_PREFIX}*"):
-        if leftover.is_dir():
-            shutil.rmtree(leftover, ignore_errors=True)
-        else:
-            leftover.unlink(missing_ok=True)
-
-
 def _remove_atomically(directory: Path) -> None:
     """Rename to a temporary name first, so no half-deleted step directory is ever visible."""
-    doomed = directory.with_name(f"{_TEMP_PREFIX}removed-{directory.name}-{uuid.uuid4().hex[:8]}")
+    doomed = directory.with_name(f"{TEMP_PREFIX}removed-{directory.name}-{uuid.uuid4().hex[:8]}")
     os.rename(directory, doomed)
     shutil.rmtree(doomed, ignore_errors=True)
-
-
-def _fsync_path(path: Path) -> None:
-    """fsync a file's contents or a directory's entries (renames into it)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_synced(path: Path, data: bytes) -> None:
-    with open(path, "wb") as file:
-        file.write(data)
-        file.flush()
-        os.fsync(file.fileno())
-
-
-def _replace_synced(path: Path, data: bytes) -> None:
-    """Atomically replace `path` with `data`: temp file, fsync, rename, fsync the directory."""
-    temp = path.with_name(f"{_TEMP_PREFIX}{path.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-    _write_synced(temp, data)
-    os.replace(temp, path)
-    _fsync_path(path.parent)
