@@ -134,3 +134,21 @@ def test_output_is_mean_of_true_topk(rows, groups, num_codes, d, k_frac, similar
     assert all(len(set(r)) == k for r in ids.reshape(-1, k).tolist())
     kth_best = scores.topk(k, dim=-1).values[..., -1:]
     assert (chosen >= kth_best - 1e-9).all()
+
+
+def test_in_place_edit_of_the_output_keeps_the_gradients_right():
+    """The snap's output is a tensor of its own: editing it in place (with gradients on) works and
+    gives plain autograd's gradients, the edited entries passing no gradient back."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(6, 2, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    codes = torch.randn(2, 5, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    downstream = torch.randn(6, 2, 3, generator=g, dtype=torch.float64)
+    out, ids = snap(x, codes, k=2, commitment=0.5, reconstruction=1.0, chunk_size=4)
+    out[1] = 0.0
+    (out * downstream).sum().backward()
+    ours = (x.grad.clone(), codes.grad.clone())
+    x.grad = codes.grad = None
+    masked = downstream.clone()
+    masked[1] = 0.0
+    _reference(x, codes, ids, masked, 0.5, 1.0).backward()
+    assert torch.allclose(ours[0], x.grad) and torch.allclose(ours[1], codes.grad)

@@ -26,7 +26,7 @@ from tl_codebook.snap import (
     code_scores,
     gather_mean,
     select_codes,
-    straight_through,
+    snap_output,
 )
 
 
@@ -201,17 +201,17 @@ class Codebook(HookPoint):
         ids = self.hook_codes(ids.view(*lead, self.cfg.n_groups, self.cfg.k))
         self.check_ids(ids)
         flat_ids = ids.reshape(rows.shape[0], self.cfg.n_groups, ids.shape[-1])
-        quantized = gather_mean(flat_ids, self.codes.to(x.dtype))
         terms = self.snap_gradient_terms
-        out = straight_through(
+        out = snap_output(
             rows,
-            quantized,
+            flat_ids,
+            self.codes.to(x.dtype),
             self.cfg.commitment_coef if terms else 0.0,
             self.cfg.reconstruction_coef if terms else 0.0,
         )
         if self.track_stats:
-            self._update_stats(rows, quantized, flat_ids)
-        return self.hook_codebook_out(out.reshape(x.shape))
+            self._update_stats(rows, out, flat_ids)
+        return self.hook_codebook_out(out.view(x.shape))
 
     def scores(self, x: Float[Tensor, "..."]) -> Float[Tensor, "... n_groups num_codes"]:
         """The similarity of `x` to every code (materialises tokens x codes: for small inputs)."""

@@ -112,20 +112,25 @@ def select_codes(
     return ids
 
 
-def gather_mean(
-    ids: Int[Tensor, "rows groups k"], codes: Float[Tensor, "groups num_codes d"]
-) -> Float[Tensor, "rows groups d"]:
-    """Per row and group, the mean of the chosen code vectors (differentiable in `codes`)."""
+def _gather_mean_flat(ids: Tensor, codes: Tensor) -> Tensor:
+    """`gather_mean` as `[rows * groups, d]`: a tensor of its own, not a view."""
     rows, groups, k = ids.shape
     num_codes = codes.shape[1]
     offsets = torch.arange(groups, device=ids.device).mul_(num_codes).view(1, groups, 1)
     flat_ids = (ids + offsets).reshape(rows * groups, k)
     table = codes.reshape(groups * num_codes, codes.shape[-1])
-    return F.embedding_bag(flat_ids, table, mode="mean").view(rows, groups, -1)
+    return F.embedding_bag(flat_ids, table, mode="mean")
+
+
+def gather_mean(
+    ids: Int[Tensor, "rows groups k"], codes: Float[Tensor, "groups num_codes d"]
+) -> Float[Tensor, "rows groups d"]:
+    """Per row and group, the mean of the chosen code vectors (differentiable in `codes`)."""
+    return _gather_mean_flat(ids, codes).view(*ids.shape[:2], codes.shape[-1])
 
 
 class _SnapGradients(torch.autograd.Function):
-    """Identity on the quantized value; shapes the gradients of the snap.
+    """Identity on the quantized value; shapes the gradients of the snap (see `straight_through`).
 
     Backward: the input gets the downstream gradient unchanged (straight-through) plus the
     commitment term 2*beta*(x - q)/n; the quantized value (hence the gathered codes) gets the
@@ -140,7 +145,8 @@ class _SnapGradients(torch.autograd.Function):
         ctx.n_tokens = n_tokens
         if commitment or reconstruction:
             ctx.save_for_backward(x, quantized)
-        return quantized.view_as(quantized)
+        # a fresh tensor, not a view of an input: callers may edit the result in place
+        return quantized.clone()
 
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
@@ -164,9 +170,82 @@ def straight_through(
     reconstruction: float = 0.0,
     n_tokens: int | None = None,
 ) -> Float[Tensor, "rows groups d"]:
-    """Return `quantized`, with the straight-through / commitment / reconstruction gradients."""
+    """A copy of `quantized` with the straight-through / commitment / reconstruction gradients.
+
+    For a `quantized` computed elsewhere (SAELens' decode); the codebook itself uses
+    `snap_output`, which gathers inside the autograd function and so needs no copy.
+    """
     n = x.shape[0] if n_tokens is None else n_tokens
     return _SnapGradients.apply(x, quantized, float(commitment), float(reconstruction), max(n, 1))
+
+
+class _GatherStraightThrough(torch.autograd.Function):
+    """The snap's output from the chosen ids: gather-mean forward, shaped gradients backward.
+
+    Forward returns a tensor the function made itself (not a view of an input), so hooks after
+    the codebook may edit it in place, the TransformerLens idiom `act[:, 1] = 0`, with gradients
+    on. Nothing of the output is saved for backward (an in-place edit would invalidate it):
+    backward re-gathers the codes where the reconstruction or commitment term needs them.
+
+    Gradients: x gets the downstream gradient (straight-through) plus 2*beta*(x - q)/n; each
+    chosen code gets, through the mean, (downstream + 2*alpha*(q - x)/n) / k, the gradients of
+    alpha*mean_tokens|q - sg(x)|^2 + beta*mean_tokens|x - sg(q)|^2 (n = number of tokens).
+    """
+
+    @staticmethod
+    def forward(ctx, x, codes, ids, commitment: float, reconstruction: float, n_tokens: int):  # type: ignore[override]
+        ctx.commitment = commitment
+        ctx.reconstruction = reconstruction
+        ctx.n_tokens = n_tokens
+        ctx.save_for_backward(x if commitment or reconstruction else None, codes, ids)
+        # [rows * groups, d], not a view: a view returned from here could not be edited in place
+        return _gather_mean_flat(ids, codes)
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        x, codes, ids = ctx.saved_tensors
+        grad = grad.reshape(*ids.shape[:2], codes.shape[-1])
+        grad_x = grad_q = grad
+        if ctx.commitment or ctx.reconstruction:
+            q = gather_mean(ids, codes)
+            if ctx.commitment:
+                c = 2.0 * ctx.commitment / ctx.n_tokens
+                grad_x = torch.add(grad, x, alpha=c).sub_(q, alpha=c)
+            if ctx.reconstruction:
+                r = 2.0 * ctx.reconstruction / ctx.n_tokens
+                grad_q = q.mul_(r).add_(grad).sub_(x, alpha=r)  # q's buffer, no new tensor
+        grad_codes = None
+        if ctx.needs_input_grad[1]:
+            rows, groups, k = ids.shape
+            num_codes = codes.shape[1]
+            offsets = torch.arange(groups, device=ids.device).mul_(num_codes).view(1, groups)
+            table = torch.zeros(
+                groups * num_codes, codes.shape[-1], dtype=grad.dtype, device=grad.device
+            )
+            flat_grad = grad_q.reshape(rows * groups, -1)
+            for slot in range(k):  # one scatter-add per slot: no [rows, k, d] temporary
+                table.index_add_(0, (ids[..., slot] + offsets).reshape(-1), flat_grad)
+            grad_codes = table.div_(k).view_as(codes)
+        return grad_x if ctx.needs_input_grad[0] else None, grad_codes, None, None, None, None
+
+
+def snap_output(
+    x: Float[Tensor, "rows groups d"],
+    ids: Int[Tensor, "rows groups k"],
+    codes: Float[Tensor, "groups num_codes d"],
+    commitment: float = 0.0,
+    reconstruction: float = 0.0,
+    n_tokens: int | None = None,
+) -> Float[Tensor, "rows groups d"]:
+    """The mean of the chosen codes, with the snap's gradients (see `_GatherStraightThrough`).
+
+    Value: `gather_mean(ids, codes)`. Safe to edit in place, also when gradients are on.
+    """
+    n = x.shape[0] if n_tokens is None else n_tokens
+    flat = _GatherStraightThrough.apply(
+        x, codes, ids, float(commitment), float(reconstruction), max(n, 1)
+    )
+    return flat.view(*ids.shape[:2], codes.shape[-1])
 
 
 def snap(
@@ -181,5 +260,4 @@ def snap(
 ) -> tuple[Float[Tensor, "rows groups d"], Int[Tensor, "rows groups k"]]:
     """The whole snap on grouped rows: (output, ids)."""
     ids = select_codes(x, codes, k, similarity, chunk_size, disabled)
-    out = straight_through(x, gather_mean(ids, codes), commitment, reconstruction)
-    return out, ids
+    return snap_output(x, ids, codes, commitment, reconstruction), ids

@@ -180,3 +180,64 @@ def test_joint_gradients_reach_codes_and_model(tiny_cfg, tokens):
     assert model.W_E.grad is not None and model.W_E.grad.abs().sum() > 0
     for cb in model.codebooks.values():
         assert cb.codes.grad is not None and cb.codes.grad.abs().sum() > 0
+
+
+def test_attaching_a_codebook_keeps_the_users_other_hooks(tiny_cfg, tokens):
+    """The width probe removes only its own hook: a hook elsewhere and an active force survive."""
+    model = HookedCodebookTransformer(tiny_cfg)
+    torch.manual_seed(0)
+    first = model.add_codebook(
+        Codebook(CodebookConfig(d_in=16, num_codes=8, hook_name="blocks.1.hook_resid_post"))
+    )
+    calls = []
+    model.add_hook("blocks.0.hook_mlp_out", lambda act, hook: calls.append(act.shape[1]))
+    with model.force_codes({"blocks.1.hook_resid_post": [5]}):
+        model.add_codebook(
+            Codebook(CodebookConfig(d_in=16, num_codes=8, hook_name="blocks.0.hook_resid_pre"))
+        )
+        calls.clear()
+        _, cache = model.run_with_cache(tokens)
+    assert calls == [tokens.shape[1]]  # the user's hook still runs, once per forward
+    assert (cache["blocks.1.hook_resid_post.hook_codes"] == 5).all()  # the force still holds
+    assert first.enabled and set(model.codebooks) == {
+        "blocks.1.hook_resid_post",
+        "blocks.0.hook_resid_pre",
+    }
+
+
+def zero_second_position(act, hook):
+    act[:, 1] = 0  # the TransformerLens in-place idiom
+    return act
+
+
+@pytest.mark.parametrize(
+    "site, hook_at, n_groups",
+    [
+        ("blocks.0.hook_resid_post", "blocks.0.hook_resid_post", 1),
+        ("blocks.0.attn.hook_z", "blocks.0.attn.hook_z", 4),
+        ("blocks.0.hook_resid_post", "blocks.0.hook_resid_post.hook_codebook_out", 1),
+        ("blocks.0.attn.hook_z", "blocks.0.attn.hook_z.hook_codebook_out", 4),
+    ],
+)
+def test_in_place_hooks_after_a_codebook_work_with_gradients(
+    tiny_cfg, tokens, site, hook_at, n_groups
+):
+    model = HookedCodebookTransformer(tiny_cfg)
+    torch.manual_seed(0)
+    cb = model.add_codebook(
+        Codebook(CodebookConfig(d_in=16, num_codes=8, k=2, n_groups=n_groups, hook_name=site))
+    )
+    seen = {}
+
+    def record(act, hook):
+        seen[hook.name] = act.detach().clone()
+
+    loss = model.run_with_hooks(
+        tokens,
+        return_type="loss",
+        fwd_hooks=[(hook_at, zero_second_position), (site, record)],
+    )
+    assert (seen[site][:, 1] == 0).all() and (seen[site][:, 0] != 0).any()
+    loss.backward()
+    assert cb.codes.grad is not None and cb.codes.grad.abs().sum() > 0
+    assert model.W_E.grad is not None and model.W_E.grad.abs().sum() > 0

@@ -57,7 +57,11 @@ class _ProbeDone(Exception):
 
 
 def probe_activation_shape(model: HookedTransformer, hook_name: str) -> tuple[int, ...]:
-    """Shape of the activation at `hook_name` on a one-token input (the forward stops there)."""
+    """Shape of the activation at `hook_name` on a one-token input (the forward stops there).
+
+    Only the probe's own hook is removed afterwards (`model.hooks` removes the hooks of its own
+    context level), so the user's hooks and active interventions stay in place.
+    """
     seen: list[tuple[int, ...]] = []
 
     def record(act: torch.Tensor, hook: HookPoint) -> None:
@@ -66,12 +70,10 @@ def probe_activation_shape(model: HookedTransformer, hook_name: str) -> tuple[in
 
     tokens = torch.zeros(1, 1, dtype=torch.long, device=model.cfg.device)
     try:
-        with torch.no_grad():
-            model.run_with_hooks(tokens, fwd_hooks=[(hook_name, record)])
+        with torch.no_grad(), model.hooks(fwd_hooks=[(hook_name, record)]):
+            model(tokens, return_type=None)
     except _ProbeDone:
         pass
-    finally:
-        model.reset_hooks(including_permanent=False)
     if not seen:
         raise ValueError(
             f"The hook point {hook_name!r} is not reached by the model's forward pass."
