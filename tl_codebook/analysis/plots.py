@@ -2,27 +2,34 @@
 precision/recall bars and grouped bar charts, each written to a PNG file.
 
 Plain lists and nested lists in, a file out: callers keep their data in JSON and redraw at will.
-Matplotlib runs on the Agg backend, so nothing needs a display.
+Figures are built with matplotlib's object API and rendered by its Agg canvas, so nothing needs a
+display and the user's own pyplot backend and figures are left alone (no `matplotlib.use`).
+Each file is written atomically: a killed run never leaves half a PNG.
 """
 
 from __future__ import annotations
 
+import io
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-import matplotlib
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+from tl_codebook.files import atomic_write_bytes
 
 
-def _save(fig: plt.Figure, path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+def _figure(figsize: tuple[float, float]) -> Figure:
+    figure = Figure(figsize=figsize)
+    FigureCanvasAgg(figure)  # renders PNGs without any pyplot backend
+    return figure
+
+
+def _save(fig: Figure, path: str | Path) -> Path:
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
+    return atomic_write_bytes(path, buffer.getvalue())
 
 
 def _smooth(values: Sequence[float], window: int) -> list[float]:
@@ -44,22 +51,38 @@ def plot_training_curves(
     reference: Mapping[str, float] | None = None,
     offsets: Mapping[str, int] | None = None,
     zoom: tuple[float, float] | None = None,
+    steps: Mapping[str, Sequence[int]] | None = None,
 ) -> Path:
     """One line per curve (raw values faint, a trailing mean on top); optional horizontal
     reference lines (e.g. a loss floor), per-curve step offsets (a phase that starts later) and
-    a second panel showing the y range `zoom` (where the late, small differences are)."""
+    a second panel showing the y range `zoom` (where the late, small differences are).
+
+    A curve's x values are `steps[name]` when given (a log kept every few steps), else
+    1, 2, ...; `offsets[name]` is added to them."""
     if not curves:
         raise ValueError("plot_training_curves needs at least one curve.")
+    for name, xs in (steps or {}).items():
+        if name not in curves or len(xs) != len(curves[name]):
+            raise ValueError(
+                f"steps[{name!r}] must give one step per value of curves[{name!r}]; got "
+                f"{len(xs)} steps for {len(curves.get(name, []))} values."
+            )
     n_panels = 2 if zoom is not None else 1
-    fig, axes = plt.subplots(1, n_panels, figsize=(6.5 * n_panels, 4), squeeze=False)
+    fig = _figure((6.5 * n_panels, 4.0))
+    axes = fig.subplots(1, n_panels, squeeze=False)
     for panel, ax in enumerate(axes[0]):
         for i, (name, values) in enumerate(curves.items()):
             color = f"C{i}"
             start = (offsets or {}).get(name, 0)
-            steps = list(range(start + 1, start + len(values) + 1))
+            own = (steps or {}).get(name)
+            xs = (
+                [start + x for x in own]
+                if own is not None
+                else range(start + 1, start + len(values) + 1)
+            )
             window = max(1, len(values) // 50)
-            ax.plot(steps, values, color=color, alpha=0.25, linewidth=0.8)
-            ax.plot(steps, _smooth(list(values), window), color=color, label=name, linewidth=1.6)
+            ax.plot(list(xs), values, color=color, alpha=0.25, linewidth=0.8)
+            ax.plot(list(xs), _smooth(list(values), window), color=color, label=name, linewidth=1.6)
         for j, (name, value) in enumerate((reference or {}).items()):
             ax.axhline(value, color="gray", linestyle=["--", ":", "-."][j % 3], label=name)
         ax.set_xlabel("step")
@@ -93,7 +116,8 @@ def plot_code_label_heatmap(
             f"{n_rows} x {n_cols} matrix."
         )
     size = min(12.0, 3 + 0.18 * max(n_rows, n_cols))
-    fig, ax = plt.subplots(figsize=(size + 1.5, size))
+    fig = _figure((size + 1.5, size))
+    ax = fig.subplots()
     image = ax.imshow(values, vmin=0, vmax=1, cmap="viridis", aspect="auto")
     fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
     step_r, step_c = max(1, n_rows // 40), max(1, n_cols // 40)
@@ -121,7 +145,8 @@ def plot_precision_recall_bars(
             f"{len(precision)}, {len(recall)}."
         )
     n = len(labels)
-    fig, ax = plt.subplots(figsize=(min(16.0, 3 + 0.3 * n), 4))
+    fig = _figure((min(16.0, 3 + 0.3 * n), 4.0))
+    ax = fig.subplots()
     xs = range(n)
     ax.bar([x - 0.2 for x in xs], precision, width=0.4, label="precision")
     ax.bar([x + 0.2 for x in xs], recall, width=0.4, label="recall")
@@ -148,7 +173,8 @@ def plot_grouped_bars(
         raise ValueError("plot_grouped_bars needs at least one group.")
     series = list(dict.fromkeys(s for values in groups.values() for s in values))
     width = 0.8 / len(series)
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.2 * len(groups) * len(series) * 0.6), 4))
+    fig = _figure((max(6.0, 1.2 * len(groups) * len(series) * 0.6), 4.0))
+    ax = fig.subplots()
     for i, name in enumerate(series):
         xs = [g + (i - (len(series) - 1) / 2) * width for g in range(len(groups))]
         heights = [values.get(name, 0.0) for values in groups.values()]
