@@ -3,7 +3,10 @@
 import pytest
 import torch
 
-from tl_codebook.analysis.concepts import code_concept_precision_recall
+from tl_codebook.analysis.concepts import (
+    active_concept_precision_recall,
+    code_concept_precision_recall,
+)
 
 
 def planted():
@@ -77,3 +80,31 @@ def test_bad_inputs_raise():
         code_concept_precision_recall(ids, torch.tensor([0, 1]), num_codes=2, num_labels=1)
     with pytest.raises((ValueError, TypeError)):  # the runtime shape check may answer first
         code_concept_precision_recall(ids, torch.tensor([0, 0, 0]), num_codes=2, num_labels=1)
+
+
+def test_active_units_and_code_ids_are_counted_alike():
+    """A codebook's code ids and the same firings as on/off units give the very same scores."""
+    generator = torch.Generator().manual_seed(1)
+    n_tokens, n_groups, k, num_codes, num_labels = 50, 2, 2, 5, 3
+    code_ids = torch.randint(num_codes, (n_tokens, n_groups, k), generator=generator)
+    labels = torch.randint(-1, num_labels, (n_tokens,), generator=generator)
+    active = torch.zeros(n_tokens, n_groups, num_codes, dtype=torch.bool)
+    active.scatter_(-1, code_ids, True)
+    by_ids = code_concept_precision_recall(code_ids, labels, num_codes, num_labels)
+    by_units = active_concept_precision_recall(active.flatten(1), labels, num_labels)
+    assert torch.equal(by_units.joint_counts.view_as(by_ids.joint_counts), by_ids.joint_counts)
+    assert torch.equal(by_units.precision.view_as(by_ids.precision), by_ids.precision)
+    assert torch.equal(by_units.recall.view_as(by_ids.recall), by_ids.recall)
+
+
+def test_scores_of_two_batches_add_up_to_the_scores_of_both():
+    generator = torch.Generator().manual_seed(2)
+    active = torch.rand(40, 6, generator=generator) > 0.5
+    labels = torch.randint(-1, 4, (40,), generator=generator)
+    whole = active_concept_precision_recall(active, labels, 4)
+    parts = active_concept_precision_recall(active[:15], labels[:15], 4)
+    parts = parts + active_concept_precision_recall(active[15:], labels[15:], 4)
+    assert torch.equal(parts.joint_counts, whole.joint_counts)
+    assert torch.equal(parts.precision, whole.precision)
+    with pytest.raises(ValueError, match="Cannot add ConceptScores"):
+        whole + active_concept_precision_recall(active[:, :3], labels, 4)

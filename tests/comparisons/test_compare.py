@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from tl_codebook import Codebook
 from tl_codebook.comparisons.cli import add_compare_command, method_specs
 from tl_codebook.comparisons.compare import (
     CONTRACT_COLUMNS,
@@ -18,6 +19,7 @@ from tl_codebook.comparisons.methods import MethodSpec, TrainingConfig
 from tl_codebook.comparisons.metrics import EvalConfig
 from tl_codebook.comparisons.store import ActivationStore
 from tl_codebook.fsm import FSM, FSMConfig, TokFSMDataset
+from tl_codebook.fsm.task import TokFSMTask
 from tl_codebook.hooks.model import HookedCodebookTransformer
 
 RESID = "blocks.0.hook_resid_post"
@@ -31,7 +33,7 @@ def tokfsm(tmp_path_factory, make_tiny_cfg):
     model = HookedCodebookTransformer(make_tiny_cfg(d_vocab=fsm.vocab_size, n_ctx=12)).eval()
     data = TokFSMDataset(fsm, seq_len=12, seed=0)
     root = tmp_path_factory.mktemp("tokfsm")
-    meta = {"fsm": fsm.to_dict()}
+    meta = {"task": TokFSMTask(fsm, seq_len=12).to_dict()}
     train = ActivationStore.build(
         model,
         next(data.batches(64)),
@@ -93,8 +95,8 @@ def test_our_codebook_loop_and_saelens_trainer_agree(result) -> None:
     assert agreement["ours"] == "codebook-k1" and agreement["saelens"] == "codebook_saelens-k1"
     assert agreement["same_codes_fraction"] > 0.99
     assert agreement["max_code_difference"] < 1e-4
-    assert res.row("codebook-k1")["fve"] == pytest.approx(
-        res.row("codebook_saelens-k1")["fve"], abs=1e-4
+    assert res.row("codebook-k1")["explained_variance"] == pytest.approx(
+        res.row("codebook_saelens-k1")["explained_variance"], abs=1e-4
     )
 
 
@@ -145,7 +147,7 @@ def test_trained_objects_are_evaluated_not_retrained(result, tokfsm) -> None:
     again = run(
         train, [res.methods["codebook-k1"]], small_config(fsm), model=model, eval_store=held_out
     )
-    assert again.rows[0]["fve"] == pytest.approx(res.row("codebook-k1")["fve"])
+    assert again.rows[0]["explained_variance"] == res.row("codebook-k1")["explained_variance"]
 
 
 def test_group_codebooks_at_hook_z_splice_back_into_the_heads(tokfsm) -> None:
@@ -154,7 +156,7 @@ def test_group_codebooks_at_hook_z_splice_back_into_the_heads(tokfsm) -> None:
     res = run(train, ["codebook:n_groups=4"], config, model=model, eval_store=held_out)
     [row] = res.rows
     assert row["d_in"] == 16 and row["l0"] == 4  # one code per head
-    assert math.isfinite(row["ce_loss_recovered"]) and row["kl"] >= 0
+    assert math.isfinite(row["ce_loss_score"]) and row["kl_div_with_sae"] >= 0
 
 
 def test_bad_methods_and_mismatches_are_refused(tokfsm, tmp_path) -> None:
@@ -223,5 +225,18 @@ def test_cli_specs_and_a_tiny_end_to_end_run(tmp_path) -> None:
         torch.set_num_threads(threads)  # the command sets the process's thread count
     rows = json.loads((tmp_path / "comparison.json").read_text())
     assert [r["method"] for r in rows] == ["codebook-k1"]
-    assert not math.isnan(rows[0]["fve"] or math.nan)
+    [row] = rows
+    # known answers: 8 held-out sequences of 32 tokens without their BOS, one code per token,
+    # the asked budget, and the explained variance of the saved codebook worked out by hand
+    assert row["eval_tokens"] == 8 * 31 and row["l0"] == 1.0 and row["train_tokens"] == 512
+    codebook = Codebook.load(tmp_path / "methods" / "codebook-k1")
+    store = ActivationStore.open(tmp_path / "store" / "eval")
+    tokens, acts = store.tokens(), store.activations(RESID)
+    x = acts[tokens != 10].double()  # BOS is token 10 of the default TokFSM (base 10)
+    with torch.no_grad():
+        error = (codebook(x.float()).double() - x).pow(2).sum(-1).mean()
+    variance = x.pow(2).sum(-1).mean() - x.mean(0).pow(2).sum()
+    assert row["explained_variance"] == pytest.approx(1 - (error / variance).item(), abs=1e-5)
+    assert row["mse"] == pytest.approx(error.item(), rel=1e-5)
+    assert row["fve"] == row["explained_variance"]
     assert (tmp_path / "base_model" / "model.safetensors").is_file()

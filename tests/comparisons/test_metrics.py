@@ -7,16 +7,16 @@ import torch
 from transformer_lens import HookedTransformer
 
 from tl_codebook import Codebook, CodebookConfig
-from tl_codebook.analysis.concepts import code_concept_precision_recall
-from tl_codebook.comparisons.methods import IdentityMethod, ZeroMethod, as_method
-from tl_codebook.comparisons.metrics import (
-    EvalConfig,
-    evaluate_method,
-    latent_concept_precision_recall,
+from tl_codebook.analysis.concepts import (
+    active_concept_precision_recall,
+    code_concept_precision_recall,
 )
+from tl_codebook.comparisons.methods import IdentityMethod, ZeroMethod, as_method
+from tl_codebook.comparisons.metrics import EvalConfig, evaluate_method
 from tl_codebook.comparisons.store import ActivationStore, StoreError, model_fingerprint
 from tl_codebook.fsm import FSM, FSMConfig
 from tl_codebook.fsm.dataset import determined_states
+from tl_codebook.fsm.task import TokFSMTask
 
 RESID = "blocks.0.hook_resid_post"
 QUIET = EvalConfig(progress=False, steering_prompts=8)
@@ -44,10 +44,10 @@ def test_a_codebook_at_the_planted_directions_reconstructs_exactly(tmp_path) -> 
     tokens = torch.zeros(6, 5, dtype=torch.long)
     store = ActivationStore.write(tmp_path / "s", {"h": acts}, tokens, "planted", "p")
     row = evaluate_method(planted_codebook(directions, k=2), store, "h", config=QUIET).row
-    assert row["fve"] == pytest.approx(1.0, abs=1e-6)
+    assert row["explained_variance"] == pytest.approx(1.0, abs=1e-6)
     assert row["mse"] == pytest.approx(0.0, abs=1e-10)
     assert row["l0"] == 2 and row["dead_fraction"] == 0.0
-    assert math.isnan(row["ce_loss_recovered"]) and math.isnan(row["steering_success"])
+    assert math.isnan(row["ce_loss_score"]) and math.isnan(row["steering_success"])
 
 
 def test_the_zero_method_explains_no_variance(tmp_path) -> None:
@@ -55,7 +55,8 @@ def test_the_zero_method_explains_no_variance(tmp_path) -> None:
     acts = torch.cat([x, -x])  # mean exactly zero: SSE of a zero reconstruction = total variance
     store = ActivationStore.write(tmp_path / "s", {"h": acts}, torch.ones(8, 6).long(), "m", "f")
     row = evaluate_method(ZeroMethod(8, d_sae=3), store, "h", config=QUIET).row
-    assert row["fve"] == pytest.approx(0.0, abs=1e-6)
+    assert row["explained_variance"] == pytest.approx(0.0, abs=1e-6)
+    assert row["mse"] == pytest.approx(acts.pow(2).sum(-1).mean().item(), rel=1e-6)
     assert row["l0"] == 0 and row["dead_fraction"] == 1.0
 
 
@@ -70,14 +71,17 @@ def test_planted_states_give_precision_and_recall_one(tmp_path) -> None:
     acts = directions[torch.where(labels >= 0, labels, fsm.n_states)]
     store = ActivationStore.write(tmp_path / "s", {"h": acts}, tokens, "m", "f")
     cb = planted_codebook(directions, k=1)
-    result = evaluate_method(cb, store, "h", fsm=fsm, config=QUIET)
-    assert result.row["states_with_precise_latent"] == 1.0
+    task = TokFSMTask(fsm, seq_len=tokens.shape[1])
+    result = evaluate_method(cb, store, "h", task=task, config=QUIET)
+    assert result.row["concepts_with_precise_latent"] == 1.0
+    assert result.row["states_with_precise_latent"] == 1.0  # the documented alias
     assert result.row["mean_best_precision"] == 1.0 and result.row["mean_best_recall"] == 1.0
-    assert [s["latent"] for s in result.details["per_state"]] == [0, 1, 2, 3]
+    assert [s["latent"] for s in result.details["per_concept"]] == [0, 1, 2, 3]
+    assert result.row["eval_tokens"] == int((tokens != fsm.bos_token).sum())  # BOS: the task's
     # the generic latent scores equal the codebook's own code scores
     flat_acts, flat_labels = acts.view(-1, 8), labels.view(-1)
-    generic = latent_concept_precision_recall(
-        as_method(cb).encode(flat_acts) > 0, flat_labels, fsm.n_states
+    generic = active_concept_precision_recall(
+        as_method(cb).encode(flat_acts) != 0, flat_labels, fsm.n_states
     )
     codes = code_concept_precision_recall(cb.encode(flat_acts), flat_labels, 5, fsm.n_states)
     assert torch.equal(generic.precision, codes.precision)
@@ -95,12 +99,14 @@ def model_store(tiny_cfg, tmp_path):
 def test_the_identity_method_recovers_all_the_loss(model_store) -> None:
     model, store = model_store
     row = evaluate_method(IdentityMethod(16), store, RESID, model=model, config=QUIET).row
-    assert row["ce_loss_recovered"] == pytest.approx(1.0, abs=1e-6)
-    assert row["kl"] == pytest.approx(0.0, abs=1e-7)
-    assert row["fve"] == pytest.approx(1.0, abs=1e-6)
-    assert row["ce_zero_ablation"] != pytest.approx(row["ce_clean"])  # a real denominator
+    assert row["ce_loss_score"] == pytest.approx(1.0, abs=1e-6)
+    assert row["kl_div_with_sae"] == pytest.approx(0.0, abs=1e-7)
+    assert row["kl_div_score"] == pytest.approx(1.0, abs=1e-6)
+    assert row["explained_variance"] == pytest.approx(1.0, abs=1e-6)
+    assert row["ce_loss_with_ablation"] != pytest.approx(row["ce_loss_without_sae"])  # real span
     zero = evaluate_method(ZeroMethod(16), store, RESID, model=model, config=QUIET).row
-    assert zero["ce_loss_recovered"] == pytest.approx(0.0, abs=1e-6)
+    assert zero["ce_loss_score"] == pytest.approx(0.0, abs=1e-6)
+    assert zero["kl_div_with_sae"] == pytest.approx(zero["kl_div_with_ablation"])
 
 
 def test_excluded_tokens_are_neither_scored_nor_spliced(model_store) -> None:
@@ -114,16 +120,11 @@ def test_excluded_tokens_are_neither_scored_nor_spliced(model_store) -> None:
         ZeroMethod(16), store, RESID, exclude_token_ids=[int(tokens[0, 0])], config=QUIET
     ).row
     assert kept["eval_tokens"] == int((tokens != tokens[0, 0]).sum())
-    # splicing the zero method everywhere but the excluded tokens is the zero-ablation baseline
-    row = evaluate_method(
-        ZeroMethod(16),
-        store,
-        RESID,
-        model=model,
-        exclude_token_ids=[int(tokens[0, 0])],
-        config=QUIET,
-    ).row
-    assert row["ce_spliced"] == pytest.approx(row["ce_zero_ablation"])
+    # the zero method is spliced only at kept tokens, SAELens' ablation zeroes every token: with
+    # nothing excluded the two coincide
+    row = evaluate_method(ZeroMethod(16), store, RESID, model=model, config=QUIET).row
+    assert row["ce_loss_with_sae"] == pytest.approx(row["ce_loss_with_ablation"])
+    assert row["ce_loss_score"] == pytest.approx(0.0, abs=1e-6)
 
 
 def test_width_hook_and_model_mismatches_are_refused(model_store, make_tiny_cfg) -> None:
@@ -138,3 +139,90 @@ def test_width_hook_and_model_mismatches_are_refused(model_store, make_tiny_cfg)
         evaluate_method(IdentityMethod(16), store, RESID, model=other, config=QUIET)
     with pytest.raises(TypeError, match="needs encode"):
         as_method(object())
+
+
+# -- the same numbers as SAELens' run_evals ------------------------------------------------------
+
+
+BOS = 10
+
+
+def saelens_run_evals(sae, model, tokens: torch.Tensor, exclude: list[int]) -> dict[str, float]:
+    """SAELens' own evaluation of `sae` on exactly `tokens` (two batches covering them once)."""
+    from datasets import Dataset
+    from sae_lens.evals import get_eval_everything_config, run_evals
+    from sae_lens.training.activation_scaler import ActivationScaler
+    from sae_lens.training.activations_store import ActivationsStore
+
+    sae.cfg.metadata.prepend_bos = False
+    half = tokens.shape[0] // 2
+    store = ActivationsStore.from_sae(
+        model,
+        sae,
+        Dataset.from_dict({"tokens": tokens.tolist()}),
+        context_size=tokens.shape[1],
+        streaming=False,
+        store_batch_size_prompts=half,
+        n_batches_in_buffer=1,
+        train_batch_size_tokens=16,
+        total_tokens=tokens.numel(),
+    )
+    config = get_eval_everything_config(
+        batch_size_prompts=half, n_eval_reconstruction_batches=2, n_eval_sparsity_variance_batches=2
+    )
+    metrics, _ = run_evals(
+        sae, store, model, ActivationScaler(), config, exclude_special_tokens=exclude
+    )
+    return {name: value for group in metrics.values() for name, value in group.items()}
+
+
+def topk_sae(d_in: int, d_sae: int, k: int):
+    from sae_lens import TopKSAE, TopKSAEConfig
+    from sae_lens.saes.sae import SAEMetadata
+
+    torch.manual_seed(3)
+    sae = TopKSAE(TopKSAEConfig(d_in=d_in, d_sae=d_sae, k=k, metadata=SAEMetadata(hook_name=RESID)))
+    with torch.no_grad():  # a non-zero decoder bias, so FVE and CE differ from a plain projection
+        sae.b_dec.normal_(0, 0.3)
+    return sae
+
+
+@pytest.mark.filterwarnings("ignore:To copy construct from a tensor:UserWarning")  # SAELens' own
+@pytest.mark.parametrize("which", ["topk", "codebook"])
+@pytest.mark.parametrize("exclude", [[], [BOS]])
+def test_explained_variance_ce_loss_score_and_kl_are_saelens_own(
+    tiny_cfg, tmp_path, which, exclude
+) -> None:
+    """`evaluate_method` and `sae_lens.evals.run_evals` on the same SAE and tokens agree: with
+    excluded tokens SAELens zero-ablates every position and masks excluded ones in every mean."""
+    model = HookedTransformer(tiny_cfg).eval()
+    g = torch.Generator().manual_seed(4)
+    tokens = torch.randint(0, 10, (4, 9), generator=g)
+    tokens[:, 0] = BOS
+    tokens[1, 5] = BOS  # an excluded token inside a sequence too
+    if which == "topk":
+        sae = topk_sae(16, 32, k=4)
+    else:
+        torch.manual_seed(5)
+        sae = Codebook(CodebookConfig(d_in=16, num_codes=24, k=2, hook_name=RESID)).to_sae()
+    theirs = saelens_run_evals(sae, model, tokens, exclude)
+    store = ActivationStore.build(model, tokens, [RESID], tmp_path / "s", progress=False)
+    ours = evaluate_method(sae, store, RESID, model=model, exclude_token_ids=exclude, config=QUIET)
+    row = ours.row
+    for name in (
+        "explained_variance",
+        "mse",
+        "l0",
+        "ce_loss_score",
+        "ce_loss_with_sae",
+        "ce_loss_without_sae",
+        "ce_loss_with_ablation",
+        "kl_div_with_sae",
+        "kl_div_with_ablation",
+        "kl_div_score",
+    ):
+        assert row[name] == pytest.approx(theirs[name], rel=1e-5, abs=1e-6), name
+    # the documented aliases carry the same numbers
+    assert row["fve"] == row["explained_variance"]
+    assert row["ce_loss_recovered"] == row["ce_loss_score"]
+    assert row["kl"] == row["kl_div_with_sae"]

@@ -1,7 +1,9 @@
-"""Precision and recall of every code for every concept label (e.g. "the current state is s").
+"""Precision and recall of every unit for every concept label (e.g. "the current state is s").
 
-A code that fires exactly when a concept holds is a monosemantic feature for it; these scores
-find such codes from cached code ids and per-token labels, with counts rather than loops.
+A unit that fires exactly when a concept holds is a monosemantic feature for it. Units are a
+codebook's codes (`code_concept_precision_recall`, from code ids) or any on/off latents such as
+an SAE's (`active_concept_precision_recall`); both reduce to firing events (token, unit) counted
+by one counter, so a codebook and an SAE are scored by the very same arithmetic.
 """
 
 from __future__ import annotations
@@ -9,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from jaxtyping import Float, Int
+from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 CRITERIA = ("f1", "min")
@@ -42,6 +44,36 @@ class ConceptScores:
     label_counts: Int[Tensor, " num_labels"]
     precision: Float[Tensor, "n_groups num_codes num_labels"]
     recall: Float[Tensor, "n_groups num_codes num_labels"]
+
+    @classmethod
+    def from_counts(
+        cls,
+        joint_counts: Int[Tensor, "n_groups num_codes num_labels"],
+        code_counts: Int[Tensor, "n_groups num_codes"],
+        label_counts: Int[Tensor, " num_labels"],
+    ) -> ConceptScores:
+        """Precision and recall from counts (what every counter and every sum of scores uses)."""
+        joint = joint_counts.float()
+        return cls(
+            joint_counts=joint_counts,
+            code_counts=code_counts,
+            label_counts=label_counts,
+            precision=joint / code_counts.clamp(min=1)[..., None].float(),
+            recall=joint / label_counts.clamp(min=1).float(),
+        )
+
+    def __add__(self, other: ConceptScores) -> ConceptScores:
+        """The scores of the two token sets together (counts add up), e.g. over batches."""
+        if self.joint_counts.shape != other.joint_counts.shape:
+            raise ValueError(
+                f"Cannot add ConceptScores of shapes {tuple(self.joint_counts.shape)} and "
+                f"{tuple(other.joint_counts.shape)} (n_groups, num_codes, num_labels)."
+            )
+        return ConceptScores.from_counts(
+            self.joint_counts + other.joint_counts,
+            self.code_counts + other.code_counts,
+            self.label_counts + other.label_counts,
+        )
 
     def f1(self) -> Float[Tensor, "n_groups num_codes num_labels"]:
         denominator = self.precision + self.recall
@@ -80,17 +112,41 @@ class ConceptScores:
         return precise.any(dim=0)[seen].float().mean().item()
 
 
+def _firing_counts(
+    token: Int[Tensor, " firings"],
+    unit: Int[Tensor, " firings"],
+    labels: Int[Tensor, " tokens"],
+    num_units: int,
+    num_labels: int,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The one counter: (joint `[num_units, num_labels]`, unit counts, label counts) from the
+    firing events `(token[i], unit[i])` (each pair at most once) and per-token labels.
+
+    Only tokens with a label >= 0 are counted.
+    """
+    if labels.numel() and int(labels.max()) >= num_labels:
+        raise ValueError(f"labels must be < num_labels={num_labels}, got {int(labels.max())}.")
+    labels = labels.long()
+    event_label = labels[token]
+    counted = event_label >= 0
+    joint = torch.bincount(
+        unit[counted] * num_labels + event_label[counted], minlength=num_units * num_labels
+    ).reshape(num_units, num_labels)
+    label_counts = torch.bincount(labels[labels >= 0], minlength=num_labels)
+    return joint, joint.sum(dim=-1), label_counts
+
+
 def code_concept_precision_recall(
     code_ids: Int[Tensor, "tokens n_groups k"],
     labels: Int[Tensor, " tokens"],
     num_codes: int,
     num_labels: int,
 ) -> ConceptScores:
-    """Score every (group, code) against every label.
+    """Score every (group, code) of a codebook against every label.
 
     Code `c` of group `g` is active at a token if `c` is among that token's `k` ids in group `g`
     (a code repeated within the k ids counts once). Labels < 0 mark ignored tokens. Memory:
-    a few tensors of n_groups * num_codes * num_labels numbers.
+    a few tensors of n_groups * num_codes * num_labels numbers (no tokens x codes matrix).
     """
     if num_codes < 1 or num_labels < 1:
         raise ValueError(f"num_codes and num_labels must be >= 1, got {num_codes}, {num_labels}.")
@@ -98,37 +154,44 @@ def code_concept_precision_recall(
         raise ValueError(
             f"code_ids has {code_ids.shape[0]} tokens but labels has {labels.shape[0]}."
         )
-    if labels.numel() and labels.max() >= num_labels:
-        raise ValueError(f"labels must be < num_labels={num_labels}, got {labels.max().item()}.")
     if code_ids.numel() and (code_ids.min() < 0 or code_ids.max() >= num_codes):
         raise ValueError(
             f"code ids must be in [0, {num_codes - 1}], got range "
             f"[{code_ids.min().item()}, {code_ids.max().item()}]."
         )
-    n_groups = code_ids.shape[1]
-    keep = labels >= 0
-    ids, kept_labels = code_ids[keep].sort(dim=-1).values, labels[keep].long()
+    n_tokens, n_groups, k = code_ids.shape
+    ids = code_ids.sort(dim=-1).values
     first_occurrence = torch.ones_like(ids, dtype=torch.bool)
     first_occurrence[..., 1:] = ids[..., 1:] != ids[..., :-1]
-    flat_code = torch.arange(n_groups, device=ids.device)[None, :, None] * num_codes + ids
-    flat_code, token_label = flat_code[first_occurrence], kept_labels[:, None, None].expand_as(ids)
-    token_label = token_label[first_occurrence]
-
-    n_codes_total = n_groups * num_codes
-    joint = torch.bincount(
-        flat_code * num_labels + token_label, minlength=n_codes_total * num_labels
+    unit = torch.arange(n_groups, device=ids.device)[None, :, None] * num_codes + ids
+    token = torch.arange(n_tokens, device=ids.device)[:, None, None].expand_as(ids)
+    joint, unit_counts, label_counts = _firing_counts(
+        token[first_occurrence], unit[first_occurrence], labels, n_groups * num_codes, num_labels
     )
-    joint_counts = joint.reshape(n_groups, num_codes, num_labels)
-    code_counts = joint_counts.sum(dim=-1)
-    label_counts = torch.bincount(kept_labels, minlength=num_labels)
-
-    joint_float = joint_counts.float()
-    precision = joint_float / code_counts.clamp(min=1)[..., None].float()
-    recall = joint_float / label_counts.clamp(min=1).float()
-    return ConceptScores(
-        joint_counts=joint_counts,
-        code_counts=code_counts,
-        label_counts=label_counts,
-        precision=precision,
-        recall=recall,
+    return ConceptScores.from_counts(
+        joint.reshape(n_groups, num_codes, num_labels),
+        unit_counts.reshape(n_groups, num_codes),
+        label_counts,
     )
+
+
+def active_concept_precision_recall(
+    active: Bool[Tensor, "tokens units"],
+    labels: Int[Tensor, " tokens"],
+    num_labels: int,
+) -> ConceptScores:
+    """Score every unit that is on or off at each token (an SAE's latents, a neuron's sign, a
+    codebook's one-hot activations) against every label, as one group of `units` "codes".
+
+    The same counts as `code_concept_precision_recall`: for a codebook's activations
+    (`as_method(codebook).encode(x) != 0`) both give the same scores. Labels < 0 are ignored.
+    """
+    if num_labels < 1:
+        raise ValueError(f"num_labels must be >= 1, got {num_labels}.")
+    if active.shape[0] != labels.shape[0]:
+        raise ValueError(f"active has {active.shape[0]} tokens but labels has {labels.shape[0]}.")
+    token, unit = active.nonzero(as_tuple=True)
+    joint, unit_counts, label_counts = _firing_counts(
+        token, unit, labels, active.shape[1], num_labels
+    )
+    return ConceptScores.from_counts(joint[None], unit_counts[None], label_counts)

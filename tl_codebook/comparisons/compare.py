@@ -12,7 +12,9 @@ In a notebook:
 
 Methods given as specs (`MethodSpec`, or a kind name like "topk") are trained on `store` with the
 same budget; trained objects (a `Codebook`, a SAELens SAE, anything with encode/decode) are only
-evaluated. Every method is evaluated by `metrics.evaluate_method` on `eval_store`.
+evaluated. Every method is evaluated by `metrics.evaluate_method` on `eval_store`. The concept
+and steering metrics come from a `tl_codebook.tasks.Task` (`run(..., task=...)`, or the task a
+store's metadata names under "task"); the comparison never depends on which task it is.
 """
 
 from __future__ import annotations
@@ -33,13 +35,14 @@ from tl_codebook.comparisons.methods import (
     MethodSpec,
     TrainedMethod,
     TrainingConfig,
-    _from_dict,
     as_method,
     train_method,
 )
 from tl_codebook.comparisons.metrics import EvalConfig, evaluate_method, splice_baseline
 from tl_codebook.comparisons.store import ActivationStore
-from tl_codebook.fsm.machine import FSM
+from tl_codebook.configs import dataclass_from_dict
+from tl_codebook.files import atomic_write_text, json_ready, json_text
+from tl_codebook.tasks import Task, task_from_dict
 
 CONTRACT_COLUMNS = (
     "method",
@@ -53,17 +56,19 @@ CONTRACT_COLUMNS = (
     "states_with_precise_latent",
     "steering_success",
 )
-"""Columns every row of comparison.json has (NaN/null where a metric does not apply)."""
+"""Columns every row of comparison.json has (NaN/null where a metric does not apply); `fve`,
+`ce_loss_recovered`, `kl` and `states_with_precise_latent` are aliases of `explained_variance`,
+`ce_loss_score`, `kl_div_with_sae` and `concepts_with_precise_latent` (see `metrics`)."""
 
 SUMMARY_COLUMNS = (
     "method",
     "l0",
     "mse",
-    "fve",
-    "ce_loss_recovered",
-    "kl",
+    "explained_variance",
+    "ce_loss_score",
+    "kl_div_with_sae",
     "dead_fraction",
-    "states_with_precise_latent",
+    "concepts_with_precise_latent",
     "steering_success",
     "steering_baseline",
     "train_tokens",
@@ -102,22 +107,7 @@ class ComparisonConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ComparisonConfig:
-        return _from_dict(cls, data)
-
-
-def _json_value(value: Any) -> Any:
-    """Non-finite floats as None (strict JSON), tensors and numpy scalars as plain numbers."""
-    if isinstance(value, torch.Tensor):
-        value = value.tolist()
-    if hasattr(value, "item") and not isinstance(value, (list, dict, str)):
-        value = value.item()
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {str(k): _json_value(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_value(v) for v in value]
-    return value
+        return dataclass_from_dict(cls, data)
 
 
 def _format(value: Any) -> str:
@@ -188,16 +178,16 @@ class ComparisonResult:
         writer = csv.DictWriter(buffer, fieldnames=self.columns, extrasaction="ignore")
         writer.writeheader()
         for row in self.rows:
-            writer.writerow({k: ("" if _json_value(v) is None else v) for k, v in row.items()})
+            writer.writerow({k: ("" if json_ready(v) is None else v) for k, v in row.items()})
         if path is not None:
-            Path(path).write_text(buffer.getvalue())
+            atomic_write_text(path, buffer.getvalue())
         return buffer.getvalue()
 
     def to_json(self, path: str | Path | None = None) -> str:
         """The rows as a JSON list (the comparison.json contract); NaN written as null."""
-        text = json.dumps(_json_value(self.rows), indent=2)
+        text = json_text(self.rows)
         if path is not None:
-            Path(path).write_text(text)
+            atomic_write_text(path, text + "\n")
         return text
 
     def plot(self) -> Any:
@@ -231,9 +221,10 @@ class ComparisonResult:
 # -- running ---------------------------------------------------------------------------------------
 
 
-def _fsm_from(store: ActivationStore) -> FSM | None:
-    data = store.manifest.metadata.get("fsm")
-    return FSM.from_dict(data) if data else None
+def task_of(store: ActivationStore) -> Task | None:
+    """The task a store's metadata names under "task" (None when it names none)."""
+    data = store.manifest.metadata.get("task")
+    return task_from_dict(data) if data else None
 
 
 def default_config(store: ActivationStore, **training: Any) -> ComparisonConfig:
@@ -283,15 +274,16 @@ def run(
     config: ComparisonConfig | None = None,
     model: Any = None,
     eval_store: ActivationStore | None = None,
-    fsm: FSM | None = None,
+    task: Task | None = None,
     out_dir: str | Path | None = None,
 ) -> ComparisonResult:
     """Train (specs) and evaluate (everything) `methods` on `store`; see the module docstring.
 
     `methods` items are `MethodSpec`s, kind names (`"topk"`, `"codebook:k=4"`), or trained
-    objects; None uses `config.methods`. `eval_store` (default: `store`) should hold held-out
-    tokens of the same model and hook. `fsm` (default: the one recorded in the store's metadata)
-    enables the concept and steering metrics. With `out_dir` the trained methods are saved under
+    objects; None uses `config.methods`. Every spec is checked (sizes, names) before any method
+    trains. `eval_store` (default: `store`) should hold held-out tokens of the same model and
+    hook. `task` (default: the one the evaluation store's metadata names) enables the concept
+    and steering metrics. With `out_dir` the trained methods are saved under
     `out_dir/methods/` and the report is written there.
     """
     config = config or default_config(store)
@@ -313,30 +305,34 @@ def run(
             f"The evaluation store's activations at {hook!r} have width {eval_store.d_in(hook)}, "
             f"the training store's {d_in}."
         )
-    fsm = fsm or _fsm_from(eval_store)
+    task = task or task_of(eval_store)
     items = list(config.methods if methods is None else methods)
     if not items:
         raise ValueError("No methods to compare: give at least one.")
     out = Path(out_dir) if out_dir is not None else None
-
-    trained: dict[str, TrainedMethod] = {}
+    # every spec resolved and checked, and every name known, before anything trains
+    prepared: list[MethodSpec | TrainedMethod] = []
     for item in items:
         if isinstance(item, str):
             item = MethodSpec.parse(item)
+        ready = item.resolved(training, d_in) if isinstance(item, MethodSpec) else as_method(item)
+        if isinstance(ready, TrainedMethod):
+            _check_width(ready, d_in, hook)
+        prepared.append(ready)
+    names = [p.name for p in prepared]
+    repeated = sorted({n for n in names if names.count(n) > 1 and n is not None})
+    if repeated:
+        raise ValueError(f"Two methods are named {repeated[0]!r}; give them distinct names.")
+
+    trained: dict[str, TrainedMethod] = {}
+    for item in prepared:
         if isinstance(item, MethodSpec):
-            spec = item.resolved(training)
-            assert spec.name is not None
-            save_dir = out / "methods" / spec.name if out is not None else None
-            method = train_method(spec, store, training, save_dir=save_dir)
+            assert item.name is not None
+            save_dir = out / "methods" / item.name if out is not None else None
+            method = train_method(item, store, training, save_dir=save_dir)
         else:
-            method = as_method(item)
-        if method.d_in != d_in:
-            raise ValueError(
-                f"Method {method.name!r} has d_in={method.d_in}, but the store's activations at "
-                f"{hook!r} have width {d_in}."
-            )
-        if method.name in trained:
-            raise ValueError(f"Two methods are named {method.name!r}; give them distinct names.")
+            method = item
+        _check_width(method, d_in, hook)
         trained[method.name] = method
 
     baseline = None
@@ -354,7 +350,7 @@ def run(
             eval_store,
             hook,
             model=model,
-            fsm=fsm,
+            task=task,
             exclude_token_ids=training.exclude_token_ids,
             config=evaluation,
             baseline=baseline,
@@ -378,7 +374,7 @@ def run(
                     next(r for r in rows if r["method"] == a.name),
                     next(r for r in rows if r["method"] == b.name),
                 )
-                for key in ("fve", "ce_loss_recovered", "states_with_precise_latent"):
+                for key in ("explained_variance", "ce_loss_score", "concepts_with_precise_latent"):
                     record[f"{key}_difference"] = ra[key] - rb[key]
                 agreement.append(record)
 
@@ -394,14 +390,22 @@ def run(
             "model_fingerprint": store.manifest.model_fingerprint,
             "store_tokens": store.n_tokens,
             "eval_store_tokens": eval_store.n_tokens,
-            "ce_baseline": "zero ablation",
-            "fsm": fsm.to_dict() if fsm is not None else None,
+            "ce_baseline": "zero ablation at every position (SAELens' ce_loss_score)",
+            "task": task.to_dict() if task is not None else None,
         },
         methods=trained,
     )
     if out is not None:
         result.save(out)
     return result
+
+
+def _check_width(method: TrainedMethod, d_in: int, hook: str) -> None:
+    if method.d_in != d_in:
+        raise ValueError(
+            f"Method {method.name!r} has d_in={method.d_in}, but the store's activations at "
+            f"{hook!r} have width {d_in}."
+        )
 
 
 def _same_codebook_spec(a: MethodSpec, b: MethodSpec) -> bool:
@@ -418,4 +422,5 @@ __all__ = [
     "codebook_agreement",
     "default_config",
     "run",
+    "task_of",
 ]

@@ -18,17 +18,14 @@ encode/decode and `d_in`/`d_sae`) so that the same metrics code serves all of th
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import math
 import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
 from typing import Any
-from unittest import mock
 
 import torch
 from jaxtyping import Float
@@ -37,8 +34,11 @@ from tqdm.auto import tqdm
 
 from tl_codebook.codebook import Codebook, CodebookConfig
 from tl_codebook.comparisons.store import ActivationStore
+from tl_codebook.configs import check_choice, dataclass_from_dict, did_you_mean
+from tl_codebook.files import check_safe_name
 from tl_codebook.hooks.interventions import insert_codes
 from tl_codebook.snap import check_similarity
+from tl_codebook.training.config import CODEBOOK_INITS
 from tl_codebook.training.kmeans import kmeans_grouped
 
 METHOD_KINDS: dict[str, str] = {
@@ -50,32 +50,16 @@ METHOD_KINDS: dict[str, str] = {
     "jumprelu": "SAELens JumpReLU SAE (L0 penalty)",
 }
 CODEBOOK_KINDS = ("codebook", "codebook_saelens")
-CODEBOOK_INITS = ("kmeans", "activations", "random")
 
 
 def check_kind(kind: str) -> str:
     """Return `kind` if it is a method kind, else raise a ValueError listing the valid ones."""
     if kind not in METHOD_KINDS:
-        close = difflib.get_close_matches(str(kind), list(METHOD_KINDS), n=1)
-        hint = f" Did you mean {close[0]!r}?" if close else ""
         raise ValueError(
-            f"Unknown method {kind!r}; valid methods are {', '.join(METHOD_KINDS)}.{hint}"
+            f"Unknown method {kind!r}; valid methods are {', '.join(METHOD_KINDS)}."
+            + did_you_mean(kind, METHOD_KINDS)
         )
     return kind
-
-
-def _from_dict(cls: type, data: dict[str, Any]) -> Any:
-    names = [f.name for f in dataclasses.fields(cls)]
-    unknown = sorted(set(data) - set(names))
-    if unknown:
-        hints = {u: difflib.get_close_matches(u, names, n=1) for u in unknown}
-        detail = ", ".join(
-            f"{u!r}" + (f" (did you mean {h[0]!r}?)" if h else "") for u, h in hints.items()
-        )
-        raise ValueError(
-            f"Unknown {cls.__name__} key(s): {detail}. Valid keys: {', '.join(names)}."
-        )
-    return cls(**data)
 
 
 @dataclass
@@ -102,12 +86,16 @@ class MethodSpec:
 
     def __post_init__(self) -> None:
         check_kind(self.kind)
+        if self.name is not None:
+            check_safe_name(self.name, "MethodSpec.name")  # it names the method's directory
         check_similarity(self.similarity)
-        if self.codebook_init not in CODEBOOK_INITS:
-            raise ValueError(
-                f"MethodSpec.codebook_init={self.codebook_init!r} is not one of "
-                f"{', '.join(CODEBOOK_INITS)}."
-            )
+        check_choice("MethodSpec.codebook_init", self.codebook_init, CODEBOOK_INITS)
+        if (
+            isinstance(self.n_groups, bool)
+            or not isinstance(self.n_groups, int)
+            or self.n_groups < 1
+        ):
+            raise ValueError(f"MethodSpec.n_groups must be an integer >= 1, got {self.n_groups!r}.")
         for name in ("d_sae", "k"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
@@ -117,8 +105,12 @@ class MethodSpec:
         if self.n_groups != 1 and self.kind not in CODEBOOK_KINDS:
             raise ValueError(f"MethodSpec.n_groups applies to codebooks only, not {self.kind!r}.")
 
-    def resolved(self, config: TrainingConfig) -> MethodSpec:
-        """A copy with d_sae, k, lr and name filled in from `config`."""
+    def resolved(self, config: TrainingConfig, d_in: int | None = None) -> MethodSpec:
+        """A copy with d_sae, k, lr and name filled in from `config`, checked to be trainable:
+        k fits d_sae (per group for codebooks), n_groups divides d_sae (and `d_in` when given).
+
+        Everything a training would only discover later fails here, before any work.
+        """
         d_sae = self.d_sae or config.d_sae
         k = self.k or config.k
         lr = self.lr if self.lr is not None else config.lr
@@ -130,7 +122,35 @@ class MethodSpec:
                 name = f"jumprelu-l0_{self.l0_coefficient:g}"
             else:
                 name = f"{self.kind}-k{k}"
-        return dataclasses.replace(self, d_sae=d_sae, k=k, lr=lr, name=name)
+        spec = dataclasses.replace(self, d_sae=d_sae, k=k, lr=lr, name=name)
+        spec._check_sizes(d_in)
+        return spec
+
+    def _check_sizes(self, d_in: int | None) -> None:
+        assert self.d_sae is not None and self.k is not None
+        where = f"Method {self.name!r} ({self.kind})"
+        if self.kind in CODEBOOK_KINDS:
+            if self.d_sae % self.n_groups:
+                raise ValueError(
+                    f"{where}: n_groups={self.n_groups} must divide d_sae={self.d_sae} (each "
+                    "group has d_sae // n_groups codes)."
+                )
+            if d_in is not None and d_in % self.n_groups:
+                raise ValueError(
+                    f"{where}: n_groups={self.n_groups} must divide the activations' width "
+                    f"d_in={d_in}."
+                )
+            per_group = self.d_sae // self.n_groups
+            if self.k > per_group:
+                raise ValueError(
+                    f"{where}: k={self.k} is more than the {per_group} codes per group "
+                    f"(d_sae={self.d_sae} / n_groups={self.n_groups}); use k <= {per_group}."
+                )
+        elif self.kind in ("topk", "batchtopk") and self.k > self.d_sae:
+            raise ValueError(
+                f"{where}: k={self.k} is more than d_sae={self.d_sae} latents; use k <= "
+                f"{self.d_sae} or a larger d_sae."
+            )
 
     @classmethod
     def parse(cls, text: str) -> MethodSpec:
@@ -147,13 +167,18 @@ class MethodSpec:
                     f"Bad method option {option!r} in {text!r}: expected key=value with key one "
                     f"of {', '.join(valid)}."
                 )
-            default = fields_by_name[key].default
+            number: type[int] | type[float] | None = None
             if key in ("d_sae", "k", "n_groups"):
-                values[key] = int(raw)
-            elif key in ("lr", "l1_coefficient", "l0_coefficient") or isinstance(default, float):
-                values[key] = float(raw)
-            else:
-                values[key] = raw
+                number = int
+            elif key in ("lr", "l1_coefficient", "l0_coefficient"):
+                number = float
+            try:
+                values[key] = number(raw) if number is not None else raw
+            except ValueError:
+                kind_of = "an integer" if number is int else "a number"
+                raise ValueError(
+                    f"Bad method option {option!r} in {text!r}: {key} must be {kind_of}."
+                ) from None
         return cls(**values)
 
     def to_dict(self) -> dict[str, Any]:
@@ -161,7 +186,7 @@ class MethodSpec:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> MethodSpec:
-        return _from_dict(cls, data)
+        return dataclass_from_dict(cls, data)
 
 
 @dataclass
@@ -202,7 +227,7 @@ class TrainingConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainingConfig:
-        return _from_dict(cls, data)
+        return dataclass_from_dict(cls, data)
 
 
 # -- the interface ----------------------------------------------------------------------------
@@ -581,6 +606,38 @@ def _training_sae(spec: MethodSpec, d_in: int, config: TrainingConfig) -> Any:
     raise ValueError(f"{spec.kind!r} is not trained by SAELens; valid: {', '.join(METHOD_KINDS)}.")
 
 
+def _fit(trainer: Any, name: str, progress: bool) -> Any:
+    """`SAETrainer.fit` through its public seams (`maybe_reset_sparsity`, `step`,
+    `set_final_sae_metadata`, as SAELens' own `MultiSAETrainer` drives it), with our progress
+    bar: `fit` always draws its own bar, which cannot be turned off. Only what `fit` does for our
+    settings (no wandb, no checkpoints, no activation normalisation) is needed."""
+    cfg = trainer.cfg
+    if trainer.sae.cfg.normalize_activations != "none":
+        raise ValueError(
+            f"{name}: SAELens' activation normalisation is not supported here (got "
+            f"{trainer.sae.cfg.normalize_activations!r})."
+        )
+    trainer.sae.to(cfg.device)
+    bar = tqdm(
+        total=cfg.total_training_samples,
+        desc=f"train {name}",
+        disable=not progress,
+        unit="tok",
+        unit_scale=True,
+        dynamic_ncols=True,
+    )
+    while trainer.n_training_samples < cfg.total_training_samples:
+        trainer.maybe_reset_sparsity()
+        output = trainer.step(next(trainer.data_provider))
+        trainer.n_training_steps += 1
+        bar.update(trainer.n_training_samples - bar.n)
+        if trainer.n_training_steps % 20 == 1:
+            bar.set_postfix(loss=f"{float(output.loss):.4g}")
+    bar.close()
+    trainer.set_final_sae_metadata()
+    return trainer.sae
+
+
 def _train_with_saelens(
     spec: MethodSpec,
     store: ActivationStore,
@@ -615,15 +672,9 @@ def _train_with_saelens(
         logger=LoggingConfig(log_to_wandb=False),
     )
     data = _training_batches(store, config, config.device)
-    quiet = (
-        nullcontext()
-        if config.progress
-        else mock.patch.object(sae_trainer, "tqdm", partial(tqdm, disable=True))
-    )
     trainer = sae_trainer.SAETrainer(trainer_cfg, sae, data)
     started = time.perf_counter()
-    with quiet:
-        trained = trainer.fit()
+    trained = _fit(trainer, spec.name, config.progress)
     seconds = time.perf_counter() - started
     with tempfile.TemporaryDirectory() if save_dir is None else nullcontext(save_dir) as where:
         trained.save_inference_model(where)

@@ -1,25 +1,40 @@
 """Every metric of the comparison, computed by one piece of code for every method.
 Anything with `encode`/`decode` is scored alike: reconstruction, splicing, sparsity, concepts, steering.
 
-- Reconstruction (on the stored activations, no model run): MSE (mean over tokens and
-  dimensions), fraction of variance explained `1 - SSE / sum|x - mean|^2`, L0 (latents > 0 per
-  token), dead fraction (latents never > 0 on the evaluation tokens), per-latent density.
-- Splicing (the model re-run on the stored token ids): the activation at the hook is replaced by
-  `decode(encode(x))` at every evaluated token (`run_with_hooks`); CE loss recovered =
-  `(CE_zero_ablation - CE_spliced) / (CE_zero_ablation - CE_clean)`, where zero ablation sets the
-  activation to 0 at the same tokens; KL = mean over tokens of KL(clean || spliced).
-- Concepts (where each token has a label, e.g. the TokFSM state known there): precision and recall
-  of every latent (active = activation > 0; for a codebook, among the chosen codes) for every label.
-- Steering (TokFSM): force each target state's best latent at the prompt's last token (codebooks:
-  force the code; SAEs: clamp it to its mean active value), with the method spliced in; success =
-  the model's next generated state is a valid transition of the target state.
+Where SAELens has a metric, ours is SAELens' own definition (`sae_lens.evals.run_evals`, tested
+to agree to float tolerance) and carries SAELens' name. Tokens whose id is in
+`exclude_token_ids` (e.g. BOS) are left out of every mean, as SAELens' `exclude_special_tokens`.
+
+- Reconstruction (on the stored activations, no model run): `mse` = mean over tokens of
+  `||x - x̂||²` (summed over dimensions, SAELens' "mse"), `explained_variance` =
+  `1 - mse / (E||x||² - ||E x||²)` (SAELens' R²; 1 or 0 when the activations do not vary),
+  `l0` = latents != 0 per token, `dead_fraction` = latents never != 0 on the evaluation tokens,
+  per-latent density.
+- Splicing (the model re-run on the stored token ids): `ce_loss_with_sae` = next-token CE with
+  the activation replaced by `decode(encode(x))` at every non-excluded position;
+  `ce_loss_without_sae` the clean model's; `ce_loss_with_ablation` with the activation zeroed at
+  EVERY position (excluded ones too, as SAELens); each a mean over the predictions made at
+  non-excluded positions. `ce_loss_score = (CE_ablation - CE_sae) / (CE_ablation - CE_clean)`.
+  `kl_div_with_sae` = mean over non-excluded positions (the last one included) of
+  KL(clean || spliced); `kl_div_with_ablation` likewise; `kl_div_score` = 1 - their ratio.
+- Concepts (with a `Task`: each position's concept label): precision and recall of every latent
+  (active = activation != 0; for a codebook, among the chosen codes) for every concept, by
+  `analysis.concepts.active_concept_precision_recall` (the counter the code cache uses too).
+- Steering (with a `Task` that has a steering measure, and a model): the task's prompts, each
+  steered to a target concept through that concept's best latent, forced at the task's positions
+  (codebooks: the code, as `force_codes` does; SAEs: the latent clamped to its mean active value)
+  with the method spliced in; success is the task's check of the generated continuation.
+
+Aliases, kept for comparison.json readers of earlier versions (same numbers, documented here):
+`fve` = `explained_variance`, `ce_loss_recovered` = `ce_loss_score`, `kl` = `kl_div_with_sae`,
+`states_with_precise_latent` = `concepts_with_precise_latent`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,14 +44,36 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from tl_codebook.analysis.concepts import ConceptScores
-from tl_codebook.comparisons.methods import TrainedMethod, _from_dict, as_method
+from tl_codebook.analysis.concepts import ConceptScores, active_concept_precision_recall
+from tl_codebook.comparisons.methods import TrainedMethod, as_method
 from tl_codebook.comparisons.store import ActivationStore, StoreError
-from tl_codebook.fsm.dataset import determined_states
-from tl_codebook.fsm.machine import FSM
-from tl_codebook.fsm.metrics import sample_sequences
+from tl_codebook.configs import check_choice, dataclass_from_dict
+from tl_codebook.tasks import SteeringTrials, Task, model_device, sample_sequences
 
-STEERING_POSITIONS = ("last", "next_state")
+STEERING_POSITIONS = ("last", "generation")
+"""Where steering forces a latent: "last" at the task's steering positions (for TokFSM the
+prompt's last token, where its state becomes known); "generation" from there on at every position
+that predicts one of the generated tokens."""
+
+ALIASES = {
+    "fve": "explained_variance",
+    "ce_loss_recovered": "ce_loss_score",
+    "kl": "kl_div_with_sae",
+    "states_with_precise_latent": "concepts_with_precise_latent",
+}
+"""Older column name -> the SAELens-named (or task-neutral) column it repeats."""
+
+SPLICE_COLUMNS = (
+    "ce_loss_without_sae",
+    "ce_loss_with_ablation",
+    "ce_loss_with_sae",
+    "ce_loss_score",
+    "kl_div_with_sae",
+    "kl_div_with_ablation",
+    "kl_div_score",
+)
+CONCEPT_COLUMNS = ("concepts_with_precise_latent", "mean_best_precision", "mean_best_recall")
+STEERING_COLUMNS = ("steering_success", "steering_baseline")
 
 
 @dataclass
@@ -47,91 +84,48 @@ class EvalConfig:
     """Evaluate on the first N sequences of the evaluation store (None: all)."""
     batch_sequences: int = 64
     precise_threshold: float = 0.9
-    """A state has a precise latent when one latent has precision and recall >= this."""
+    """A concept has a precise latent when one latent has precision and recall >= this."""
     steering_prompts: int = 256
-    steering_prompt_states: int = 3
     steering_temperature: float = 1.0
     steering_positions: str = "last"
-    """"last": force at the prompt's last token (where its state becomes known);
-    "next_state": at every position that predicts a digit of the next state."""
+    """See `STEERING_POSITIONS`."""
     seed: int = 0
     progress: bool = True
 
     def __post_init__(self) -> None:
-        if self.steering_positions not in STEERING_POSITIONS:
-            raise ValueError(
-                f"EvalConfig.steering_positions={self.steering_positions!r} is not one of "
-                f"{', '.join(STEERING_POSITIONS)}."
-            )
+        check_choice("EvalConfig.steering_positions", self.steering_positions, STEERING_POSITIONS)
         if not 0 <= self.precise_threshold <= 1:
             raise ValueError(
                 f"EvalConfig.precise_threshold must be in [0, 1], got {self.precise_threshold}."
             )
-        for name in ("batch_sequences", "steering_prompts", "steering_prompt_states"):
+        for name in ("batch_sequences", "steering_prompts"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"EvalConfig.{name} must be an integer >= 1, got {value!r}.")
+        if self.max_sequences is not None and self.max_sequences < 1:
+            raise ValueError(
+                f"EvalConfig.max_sequences must be >= 1 or None, got {self.max_sequences!r}."
+            )
+        if not (math.isfinite(self.steering_temperature) and self.steering_temperature >= 0):
+            raise ValueError(
+                f"EvalConfig.steering_temperature must be finite and >= 0, got "
+                f"{self.steering_temperature!r}."
+            )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> EvalConfig:
-        return _from_dict(cls, data)
+        return dataclass_from_dict(cls, data)
 
 
 @dataclass
 class MethodEvaluation:
-    """One method's scores: `row` (flat, JSON/CSV-ready) and `details` (per latent, per state)."""
+    """One method's scores: `row` (flat, JSON/CSV-ready) and `details` (per latent, per concept)."""
 
     row: dict[str, Any]
     details: dict[str, Any]
-
-
-# -- concepts ------------------------------------------------------------------------------------
-
-
-def latent_concept_scores(
-    joint_counts: Int[Tensor, "d_sae num_labels"],
-    latent_counts: Int[Tensor, " d_sae"],
-    label_counts: Int[Tensor, " num_labels"],
-) -> ConceptScores:
-    """Precision and recall of every latent for every label from counts, as `ConceptScores`
-    with one group of d_sae "codes" (so `best_code_per_label` gives the best latent)."""
-    joint = joint_counts.float()
-    precision = joint / latent_counts.clamp(min=1)[:, None].float()
-    recall = joint / label_counts.clamp(min=1).float()
-    return ConceptScores(
-        joint_counts=joint_counts[None],
-        code_counts=latent_counts[None],
-        label_counts=label_counts,
-        precision=precision[None],
-        recall=recall[None],
-    )
-
-
-def latent_concept_precision_recall(
-    active: Bool[Tensor, "tokens d_sae"], labels: Int[Tensor, " tokens"], num_labels: int
-) -> ConceptScores:
-    """Precision and recall of every latent (active or not at each token) for every label.
-
-    Labels < 0 mark tokens that are not counted. For a codebook's one-hot activations this is
-    `code_concept_precision_recall` of its code ids.
-    """
-    joint, latent, label = _concept_counts(active, labels, num_labels)
-    return latent_concept_scores(joint, latent, label)
-
-
-def _concept_counts(
-    active: Tensor, labels: Tensor, num_labels: int
-) -> tuple[Tensor, Tensor, Tensor]:
-    if labels.numel() and int(labels.max()) >= num_labels:
-        raise ValueError(f"labels must be < num_labels={num_labels}, got {int(labels.max())}.")
-    keep = labels >= 0
-    on = active[keep].float()
-    onehot = F.one_hot(labels[keep].long(), num_labels).float()
-    joint = (on.T @ onehot).round().long()
-    return joint, on.sum(0).round().long(), onehot.sum(0).round().long()
 
 
 # -- splicing ------------------------------------------------------------------------------------
@@ -139,9 +133,10 @@ def _concept_counts(
 
 def splice_hook(
     transform: Callable[[Tensor], Tensor],
-    where: Bool[Tensor, "batch pos"],
+    where: Bool[Tensor, "batch pos"] | None = None,
 ) -> Callable[[Tensor, Any], Tensor]:
-    """A forward hook that replaces the activation by `transform(x)` at the tokens `where` is True.
+    """A forward hook that replaces the activation by `transform(x)` (at the tokens `where` is
+    True; None: everywhere).
 
     The activation is flattened to `[batch, pos, d_in]` for `transform` (e.g. hook_z's heads)
     and shaped back afterwards.
@@ -149,31 +144,47 @@ def splice_hook(
 
     def hook(act: Tensor, hook: Any) -> Tensor:
         x = act.reshape(act.shape[0], act.shape[1], -1)
-        out = torch.where(where[..., None].to(x.device), transform(x).to(x.dtype), x)
+        out = transform(x).to(x.dtype)
+        if where is not None:
+            out = torch.where(where[..., None].to(x.device), out, x)
         return out.reshape(act.shape)
 
     return hook
 
 
-def _evaluated_tokens(tokens: Tensor, exclude_token_ids: list[int]) -> Tensor:
+def evaluated_tokens(
+    tokens: Int[Tensor, "batch pos"], exclude_token_ids: Sequence[int]
+) -> Bool[Tensor, "batch pos"]:
+    """True at every token whose id is not excluded (the positions every metric counts)."""
     if not exclude_token_ids:
         return torch.ones_like(tokens, dtype=torch.bool)
-    return ~torch.isin(tokens, torch.tensor(exclude_token_ids, device=tokens.device))
+    return ~torch.isin(tokens, torch.tensor(list(exclude_token_ids), device=tokens.device))
 
 
-def _next_token_ce(logits: Tensor, tokens: Tensor) -> Tensor:
-    """Summed next-token cross-entropy over every position but the last."""
-    return F.cross_entropy(
-        logits[:, :-1].flatten(0, 1).float(), tokens[:, 1:].flatten(), reduction="sum"
+def _next_token_ce(logits: Tensor, tokens: Tensor, keep: Tensor) -> tuple[float, int]:
+    """(sum, count) of next-token CE over the predictions made at kept positions."""
+    ce = F.cross_entropy(
+        logits[:, :-1].flatten(0, 1).float(), tokens[:, 1:].flatten(), reduction="none"
     )
+    mask = keep[:, :-1].flatten()
+    return ce[mask].sum().item(), int(mask.sum())
+
+
+def _kl_sum(clean: Tensor, other: Tensor, keep: Tensor) -> float:
+    """Sum over kept positions of KL(clean || other) of the next-token distributions."""
+    clean_lp = F.log_softmax(clean.float(), -1)
+    other_lp = F.log_softmax(other.float(), -1)
+    kl = (clean_lp.exp() * (clean_lp - other_lp)).sum(-1)
+    return kl[keep].sum().item()
 
 
 @dataclass(frozen=True)
 class SpliceBaseline:
-    """The clean model's and the zero-ablated model's next-token loss on the evaluation tokens."""
+    """The clean and the zero-ablated model on the evaluation tokens (shared by every method)."""
 
-    ce_clean: float
-    ce_zero_ablation: float
+    ce_loss_without_sae: float
+    ce_loss_with_ablation: float
+    kl_div_with_ablation: float
 
 
 @torch.no_grad()
@@ -181,22 +192,38 @@ def splice_baseline(
     model: Any,
     tokens: Int[Tensor, "n_seq pos"],
     hook_name: str,
-    exclude_token_ids: list[int],
+    exclude_token_ids: Sequence[int],
     batch_sequences: int = 64,
 ) -> SpliceBaseline:
-    """CE of the clean model and of the model with the hook's activation zeroed (same tokens a
-    method replaces; excluded tokens keep theirs)."""
-    device = next(model.parameters()).device
-    clean = zero = 0.0
+    """CE of the clean model, and CE and KL of the model with the hook's activation zeroed at
+    every position (as SAELens ablates), each averaged over the non-excluded positions."""
+    device = model_device(model)
+    clean_ce = zero_ce = zero_kl = 0.0
+    n_ce = n_kl = 0
     for batch in tokens.split(batch_sequences):
         batch = batch.to(device)
-        clean += _next_token_ce(model(batch), batch).item()
-        hook = splice_hook(torch.zeros_like, _evaluated_tokens(batch, exclude_token_ids))
-        zero += _next_token_ce(
-            model.run_with_hooks(batch, fwd_hooks=[(hook_name, hook)]), batch
-        ).item()
-    count = tokens.shape[0] * (tokens.shape[1] - 1)
-    return SpliceBaseline(ce_clean=clean / count, ce_zero_ablation=zero / count)
+        keep = evaluated_tokens(batch, exclude_token_ids)
+        clean = model(batch)
+        zero = model.run_with_hooks(batch, fwd_hooks=[(hook_name, splice_hook(torch.zeros_like))])
+        total, count = _next_token_ce(clean, batch, keep)
+        clean_ce, n_ce = clean_ce + total, n_ce + count
+        zero_ce += _next_token_ce(zero, batch, keep)[0]
+        zero_kl += _kl_sum(clean, zero, keep)
+        n_kl += int(keep.sum())
+    if n_ce == 0:
+        raise ValueError(
+            "No next-token prediction is made at a non-excluded position: every position but "
+            f"the last is excluded (exclude_token_ids={list(exclude_token_ids)})."
+        )
+    return SpliceBaseline(
+        ce_loss_without_sae=clean_ce / n_ce,
+        ce_loss_with_ablation=zero_ce / n_ce,
+        kl_div_with_ablation=zero_kl / n_kl,
+    )
+
+
+def _ratio(numerator: float, denominator: float) -> float:
+    return numerator / denominator if denominator else math.nan
 
 
 @torch.no_grad()
@@ -205,112 +232,118 @@ def splice_metrics(
     model: Any,
     tokens: Int[Tensor, "n_seq pos"],
     hook_name: str,
-    exclude_token_ids: list[int],
+    exclude_token_ids: Sequence[int],
     baseline: SpliceBaseline,
     batch_sequences: int = 64,
 ) -> dict[str, float]:
-    """CE with the method spliced in, CE loss recovered (zero-ablation baseline) and KL."""
-    device = next(model.parameters()).device
+    """CE and KL with the method spliced in at the non-excluded positions, and SAELens' scores."""
+    device = model_device(model)
     ce = kl = 0.0
+    n_ce = n_kl = 0
     for batch in tokens.split(batch_sequences):
         batch = batch.to(device)
+        keep = evaluated_tokens(batch, exclude_token_ids)
         clean = model(batch)
-        hook = splice_hook(method.reconstruct, _evaluated_tokens(batch, exclude_token_ids))
+        hook = splice_hook(method.reconstruct, keep)
         spliced = model.run_with_hooks(batch, fwd_hooks=[(hook_name, hook)])
-        ce += _next_token_ce(spliced, batch).item()
-        clean_lp = F.log_softmax(clean[:, :-1].float(), -1)
-        spliced_lp = F.log_softmax(spliced[:, :-1].float(), -1)
-        kl += (clean_lp.exp() * (clean_lp - spliced_lp)).sum().item()
-    count = tokens.shape[0] * (tokens.shape[1] - 1)
-    ce_spliced = ce / count
-    span = baseline.ce_zero_ablation - baseline.ce_clean
-    recovered = (baseline.ce_zero_ablation - ce_spliced) / span if span else math.nan
+        total, count = _next_token_ce(spliced, batch, keep)
+        ce, n_ce = ce + total, n_ce + count
+        kl, n_kl = kl + _kl_sum(clean, spliced, keep), n_kl + int(keep.sum())
+    ce_sae, kl_sae = ce / max(n_ce, 1), kl / max(n_kl, 1)
+    ablation, clean_ce = baseline.ce_loss_with_ablation, baseline.ce_loss_without_sae
     return {
-        "ce_clean": baseline.ce_clean,
-        "ce_zero_ablation": baseline.ce_zero_ablation,
-        "ce_spliced": ce_spliced,
-        "ce_loss_recovered": recovered,
-        "kl": kl / count,
+        "ce_loss_without_sae": clean_ce,
+        "ce_loss_with_ablation": ablation,
+        "ce_loss_with_sae": ce_sae,
+        "ce_loss_score": _ratio(ablation - ce_sae, ablation - clean_ce),
+        "kl_div_with_sae": kl_sae,
+        "kl_div_with_ablation": baseline.kl_div_with_ablation,
+        "kl_div_score": _ratio(
+            baseline.kl_div_with_ablation - kl_sae, baseline.kl_div_with_ablation
+        ),
     }
+
+
+def explained_variance(sse: float, sum_x: Tensor, sum_x2: float, n_tokens: int) -> float:
+    """SAELens' R² from streamed sums: 1 - (SSE / n) / (E||x||² - ||E x||²); when the
+    activations do not vary (variance < 1e-10) 1 if the error is that small too, else 0."""
+    mse = sse / n_tokens
+    total_variance = sum_x2 / n_tokens - (sum_x / n_tokens).pow(2).sum().item()
+    if total_variance < 1e-10:
+        return 1.0 if mse < 1e-10 else 0.0
+    return 1.0 - mse / total_variance
 
 
 # -- steering ------------------------------------------------------------------------------------
 
 
-def _steering_positions(prompt_len: int, digits: int, where: str) -> list[int]:
+def steering_positions(trials: SteeringTrials, where: str) -> list[int]:
+    """The positions a latent is forced at (see `STEERING_POSITIONS`)."""
+    check_choice("steering_positions", where, STEERING_POSITIONS)
     if where == "last":
-        return [prompt_len - 1]
-    return list(range(prompt_len - 1, prompt_len - 1 + digits))
+        return sorted(trials.positions)
+    return list(range(min(trials.positions), trials.total_len - 1))
 
 
 @torch.no_grad()
 def steering_metrics(
     method: TrainedMethod,
     model: Any,
-    fsm: FSM,
+    task: Task,
     hook_name: str,
-    best_latent: Int[Tensor, " n_states"],
+    best_latent: Int[Tensor, " num_concepts"],
     active_value: Float[Tensor, " d_sae"],
-    exclude_token_ids: list[int],
+    exclude_token_ids: Sequence[int],
     config: EvalConfig,
 ) -> dict[str, float]:
-    """Steer prompts in state s to a random other state s' through s'’s best latent.
+    """Steer the task's prompts to their target concepts through each target's best latent.
 
-    The same prompts and targets (seeded by `config.seed`) for every method. Returns
-    `steering_success` (next state is a successor of s') and `steering_baseline` (the same with
-    the method spliced in but nothing forced: how often a successor of s is one of s' by chance
-    or by the model's errors). A state without a best latent (never seen) counts as a failure.
+    The same prompts and targets (`task.steering_trials`, seeded by `config.seed`) for every
+    method. Returns `steering_success` (the task's check of the continuation) and
+    `steering_baseline` (the same with the method spliced in but nothing forced: how often the
+    continuation fits the target by chance). A target without a best latent (never seen in the
+    evaluation tokens) counts as a failure.
     """
-    if fsm.n_states < 2:
-        raise ValueError("Steering needs an FSM with at least 2 states.")
-    device = next(model.parameters()).device
-    generator = torch.Generator().manual_seed(config.seed)
-    n = config.steering_prompts
-    walks = fsm.sample_trajectories(n, config.steering_prompt_states, generator)
-    sources = walks[:, -1]
-    targets = (sources + torch.randint(1, fsm.n_states, (n,), generator=generator)) % fsm.n_states
-    prompts = fsm.trajectory_to_tokens(walks)
-    prompt_len, digits = prompts.shape[1], fsm.digits_per_state
-    positions = _steering_positions(prompt_len, digits, config.steering_positions)
+    device = model_device(model)
+    trials = task.steering_trials(config.steering_prompts, seed=config.seed)
+    positions = steering_positions(trials, config.steering_positions)
 
     def runner(latent: int | None) -> Callable[[Tensor], Tensor]:
         def transform(x: Tensor) -> Tensor:
             out = method.reconstruct(x)
-            if latent is not None:
-                at = [p for p in positions if p < x.shape[1]]
-                if at:
-                    value = float(active_value[latent])
-                    out[:, at] = method.steer(x[:, at], latent, value).to(out.dtype)
+            at = [p for p in positions if p < x.shape[1]]
+            if latent is not None and at:
+                value = float(active_value[latent])
+                out[:, at] = method.steer(x[:, at], latent, value).to(out.dtype)
             return out
 
         def run(tokens: Tensor) -> Tensor:
             tokens = tokens.to(device)
-            hook = splice_hook(transform, _evaluated_tokens(tokens, exclude_token_ids))
+            hook = splice_hook(transform, evaluated_tokens(tokens, exclude_token_ids))
             return model.run_with_hooks(tokens, fwd_hooks=[(hook_name, hook)])
 
         return run
 
-    def next_states(rows: Tensor, latent: int | None, gen: torch.Generator) -> Tensor:
-        samples = sample_sequences(
-            runner(latent), prompts[rows], prompt_len + digits, config.steering_temperature, gen
-        )
-        return fsm.tokens_to_states(samples)[:, -1]
+    generator = torch.Generator().manual_seed(config.seed + 1)
 
-    matrix = fsm.transition_matrix
-    steered = torch.full((n,), -1, dtype=torch.long)
-    sample_gen = torch.Generator().manual_seed(config.seed + 1)
-    for target in targets.unique().tolist():
-        rows = targets == target
+    def success(rows: Tensor, latent: int | None) -> Tensor:
+        subset = trials.subset(rows)
+        generated = sample_sequences(
+            runner(latent), subset.prompts, trials.total_len, config.steering_temperature, generator
+        )
+        return task.steering_success(subset, generated)
+
+    steered = torch.zeros(trials.n, dtype=torch.bool)
+    for target in trials.targets.unique().tolist():
+        rows = trials.targets == target
         latent = int(best_latent[target])
         if latent >= 0:
-            steered[rows] = next_states(rows, latent, sample_gen)
-    baseline = next_states(torch.ones(n, dtype=torch.bool), None, sample_gen)
-
-    def rate(states: Tensor) -> float:
-        valid = states >= 0
-        return (valid & matrix[targets, states.clamp(min=0)]).float().mean().item()
-
-    return {"steering_success": rate(steered), "steering_baseline": rate(baseline)}
+            steered[rows] = success(rows, latent)
+    baseline = success(torch.ones(trials.n, dtype=torch.bool), None)
+    return {
+        "steering_success": steered.float().mean().item(),
+        "steering_baseline": baseline.float().mean().item(),
+    }
 
 
 # -- the one function ----------------------------------------------------------------------------
@@ -328,27 +361,57 @@ def _density_histogram(density: Tensor, bins: int = 24) -> dict[str, Any]:
     }
 
 
+def _concept_fields(
+    scores: ConceptScores, task: Task, threshold: float
+) -> tuple[dict[str, float], list[dict[str, Any]], Tensor]:
+    """(row fields, per-concept details, best latent per concept) from the latents' scores."""
+    best = scores.best_code_per_label("f1")
+    seen = scores.label_counts > 0
+    fields = dict.fromkeys(CONCEPT_COLUMNS, math.nan)
+    if seen.any():
+        fields = {
+            "concepts_with_precise_latent": scores.fraction_of_labels_with_precise_code(threshold),
+            "mean_best_precision": best.precision[seen].mean().item(),
+            "mean_best_recall": best.recall[seen].mean().item(),
+        }
+    per_concept = [
+        {
+            "concept": c,
+            "name": name,
+            "latent": int(best.code[c]),
+            "precision": float(best.precision[c]) if seen[c] else math.nan,
+            "recall": float(best.recall[c]) if seen[c] else math.nan,
+            "count": int(scores.label_counts[c]),
+        }
+        for c, name in enumerate(task.concept_names)
+    ]
+    return fields, per_concept, best.code
+
+
 @torch.no_grad()
 def evaluate_method(
     method: Any,
     store: ActivationStore,
     hook_name: str,
     model: Any = None,
-    fsm: FSM | None = None,
-    exclude_token_ids: list[int] | None = None,
+    task: Task | None = None,
+    exclude_token_ids: Sequence[int] | None = None,
     config: EvalConfig | None = None,
     baseline: SpliceBaseline | None = None,
 ) -> MethodEvaluation:
     """Score `method` on the evaluation `store` at `hook_name` (every metric, the same way).
 
     Reconstruction and sparsity read the stored activations; with `model` the CE/KL metrics
-    splice the method into it on the stored token ids; with `fsm` the concept metrics label each
-    token with the TokFSM state known there, and (with a model too) the steering metrics run.
-    Without them those fields are NaN. `baseline` (CE clean and zero-ablated) is computed when
-    not given.
+    splice the method into it on the stored token ids; with `task` the concept metrics label each
+    token with the task's concepts, and (with a model, if the task has a steering measure) the
+    steering metrics run. Fields that are not computed are NaN. `exclude_token_ids` (default:
+    the task's, or none) are left out of every mean. `baseline` (the clean and zero-ablated
+    model) is computed when not given.
     """
     config = config or EvalConfig()
-    exclude = [int(t) for t in (exclude_token_ids or [])]
+    if exclude_token_ids is None:
+        exclude_token_ids = task.exclude_token_ids if task is not None else []
+    exclude = [int(t) for t in exclude_token_ids]
     method = as_method(method)
     d_in = store.d_in(hook_name)
     if method.d_in != d_in:
@@ -362,14 +425,12 @@ def evaluate_method(
         )
     if model is not None:
         store.check_compatible(model=model)
-    d_sae, num_labels = method.d_sae, fsm.n_states if fsm is not None else 0
+    d_sae = method.d_sae
     sse = sum_x2 = 0.0
     sum_x = torch.zeros(d_in, dtype=torch.float64)
     fires = torch.zeros(d_sae, dtype=torch.float64)
     act_sum = torch.zeros(d_sae, dtype=torch.float64)
-    joint = torch.zeros(d_sae, max(num_labels, 1), dtype=torch.long)
-    latent_counts = torch.zeros(d_sae, dtype=torch.long)
-    label_counts = torch.zeros(max(num_labels, 1), dtype=torch.long)
+    concepts: ConceptScores | None = None
     n_tokens, l0_sum = 0, 0.0
     all_tokens = []
     n_seq = store.n_sequences if config.max_sequences is None else config.max_sequences
@@ -383,7 +444,7 @@ def evaluate_method(
     device = _device_of(method)
     for tokens, acts in store.iter_sequences(hook_name, config.batch_sequences, n_seq):
         all_tokens.append(tokens)
-        keep = _evaluated_tokens(tokens, exclude)
+        keep = evaluated_tokens(tokens, exclude)
         x = acts[keep].to(device)
         latents = method.encode(x)
         if latents.shape[-1] != d_sae:
@@ -396,22 +457,19 @@ def evaluate_method(
         sse += (recon.double().cpu() - x64).pow(2).sum().item()
         sum_x += x64.sum(0)
         sum_x2 += x64.pow(2).sum().item()
-        active = latents > 0
+        active = latents != 0
         fires += active.sum(0).double()
         act_sum += torch.where(active, latents, 0.0).sum(0).double()
         l0_sum += active.sum().item()
         n_tokens += x.shape[0]
-        if fsm is not None:
-            labels = determined_states(fsm, tokens)[keep]
-            j, lat, lab = _concept_counts(active, labels, num_labels)
-            joint += j
-            latent_counts += lat
-            label_counts += lab
+        if task is not None:
+            labels = task.concept_labels(tokens)[keep]
+            batch_scores = active_concept_precision_recall(active, labels, task.num_concepts)
+            concepts = batch_scores if concepts is None else concepts + batch_scores
         bar.update(tokens.shape[0])
     bar.close()
     if n_tokens == 0:
         raise StoreError(f"The store at {store.path} has no tokens to evaluate after exclusions.")
-    sst = sum_x2 - (sum_x.pow(2).sum().item() / n_tokens)
     density = (fires / n_tokens).float()
     active_value = (act_sum / fires.clamp(min=1)).float()
     row: dict[str, Any] = {
@@ -421,8 +479,8 @@ def evaluate_method(
         "d_in": d_in,
         "d_sae": d_sae,
         "l0": l0_sum / n_tokens,
-        "mse": sse / (n_tokens * d_in),
-        "fve": 1.0 - sse / sst if sst > 0 else math.nan,
+        "mse": sse / n_tokens,
+        "explained_variance": explained_variance(sse, sum_x, sum_x2, n_tokens),
         "dead_fraction": float((fires == 0).double().mean()),
         "eval_tokens": n_tokens,
         "train_tokens": method.train_tokens,
@@ -436,8 +494,7 @@ def evaluate_method(
         "density_histogram": _density_histogram(density),
         "active_value": active_value.tolist(),
     }
-    row.update(dict.fromkeys(("ce_clean", "ce_zero_ablation", "ce_spliced"), math.nan))
-    row.update(ce_loss_recovered=math.nan, kl=math.nan)
+    row.update(dict.fromkeys((*SPLICE_COLUMNS, *CONCEPT_COLUMNS, *STEERING_COLUMNS), math.nan))
     tokens = torch.cat(all_tokens)
     if model is not None:
         if baseline is None:
@@ -447,39 +504,19 @@ def evaluate_method(
                 method, model, tokens, hook_name, exclude, baseline, config.batch_sequences
             )
         )
-    row.update(
-        states_with_precise_latent=math.nan,
-        mean_best_precision=math.nan,
-        mean_best_recall=math.nan,
-        steering_success=math.nan,
-        steering_baseline=math.nan,
-    )
-    if fsm is not None:
-        scores = latent_concept_scores(joint, latent_counts, label_counts)
-        best = scores.best_code_per_label("f1")
-        seen = label_counts > 0
-        if seen.any():
-            row["states_with_precise_latent"] = scores.fraction_of_labels_with_precise_code(
-                config.precise_threshold
-            )
-            row["mean_best_precision"] = best.precision[seen].mean().item()
-            row["mean_best_recall"] = best.recall[seen].mean().item()
-        details["per_state"] = [
-            {
-                "state": s,
-                "latent": int(best.code[s]),
-                "precision": float(best.precision[s]) if seen[s] else math.nan,
-                "recall": float(best.recall[s]) if seen[s] else math.nan,
-                "count": int(label_counts[s]),
-            }
-            for s in range(num_labels)
-        ]
-        if model is not None:
+    if task is not None and concepts is not None:
+        fields, details["per_concept"], best_latent = _concept_fields(
+            concepts, task, config.precise_threshold
+        )
+        row.update(fields)
+        if model is not None and task.has_steering:
             row.update(
                 steering_metrics(
-                    method, model, fsm, hook_name, best.code, active_value, exclude, config
+                    method, model, task, hook_name, best_latent, active_value, exclude, config
                 )
             )
+    for alias, name in ALIASES.items():
+        row[alias] = row[name]
     return MethodEvaluation(row=row, details=details)
 
 
@@ -489,3 +526,20 @@ def _device_of(method: TrainedMethod) -> torch.device:
             for p in owner.parameters():
                 return p.device
     return torch.device("cpu")
+
+
+__all__ = [
+    "ALIASES",
+    "STEERING_POSITIONS",
+    "EvalConfig",
+    "MethodEvaluation",
+    "SpliceBaseline",
+    "evaluate_method",
+    "evaluated_tokens",
+    "explained_variance",
+    "splice_baseline",
+    "splice_hook",
+    "splice_metrics",
+    "steering_metrics",
+    "steering_positions",
+]

@@ -3,7 +3,7 @@ Plots use matplotlib's object API (`Figure`, Agg canvas): no global backend is c
 
 Files written by `write_report(result, out_dir)`:
 `comparison.json` (the contract: a list of rows, one per method), `comparison.csv`,
-`comparison.md` (the table and notes), `details.json` (config, per-latent densities, per-state
+`comparison.md` (the table and notes), `details.json` (config, per-latent densities, per-concept
 scores, codebook agreement), `fve_vs_l0.png`, `ce_recovered_vs_l0.png`, `latent_density.png`,
 `state_precision_recall.png`, `steering.png`, and `index.html` showing all of it.
 """
@@ -11,7 +11,7 @@ scores, codebook agreement), `fve_vs_l0.png`, `ce_recovered_vs_l0.png`, `latent_
 from __future__ import annotations
 
 import html
-import json
+import io
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -20,14 +20,15 @@ from typing import Any
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
-from tl_codebook.comparisons.compare import ComparisonResult, _format, _json_value
+from tl_codebook.comparisons.compare import ComparisonResult, _format
+from tl_codebook.files import atomic_write_bytes, atomic_write_json, atomic_write_text
 
 FIGURES = {
-    "fve_vs_l0.png": "Fraction of variance explained against L0",
-    "ce_recovered_vs_l0.png": "CE loss recovered (zero-ablation baseline) against L0",
+    "fve_vs_l0.png": "Explained variance (SAELens' R²) against L0",
+    "ce_recovered_vs_l0.png": "CE loss score (SAELens' ce_loss_score) against L0",
     "latent_density.png": "Latent firing frequency (log10) on the evaluation tokens",
-    "state_precision_recall.png": "Best latent per TokFSM state: precision and recall",
-    "steering.png": "Steering success: the state's best latent forced on",
+    "state_precision_recall.png": "Best latent per concept of the task: precision and recall",
+    "steering.png": "Steering success: the target concept's best latent forced on",
 }
 
 
@@ -117,24 +118,25 @@ def plot_densities(ax: Axes, result: ComparisonResult) -> None:
 
 
 def plot_state_precision_recall(axes: Sequence[Axes], result: ComparisonResult) -> None:
-    """Per TokFSM state, the precision (first axes) and recall (second) of its best latent."""
+    """Per concept of the task (TokFSM: per state), the precision (first axes) and recall
+    (second) of its best latent."""
     names = [
-        r["method"] for r in result.rows if result.details.get(r["method"], {}).get("per_state")
+        r["method"] for r in result.rows if result.details.get(r["method"], {}).get("per_concept")
     ]
     colors = _colors(names)
     width = 0.8 / max(len(names), 1)
     for ax, key in zip(axes, ("precision", "recall")):
         for i, name in enumerate(names):
-            per_state = result.details[name]["per_state"]
-            xs = [s["state"] + (i - (len(names) - 1) / 2) * width for s in per_state]
-            ys = [s[key] if _finite(s[key]) else 0.0 for s in per_state]
+            per_concept = result.details[name]["per_concept"]
+            xs = [s["concept"] + (i - (len(names) - 1) / 2) * width for s in per_concept]
+            ys = [s[key] if _finite(s[key]) else 0.0 for s in per_concept]
             ax.bar(xs, ys, width=width, color=colors[name], label=name)
         ax.set_ylabel(f"best latent's {key}")
         ax.set_ylim(0, 1.05)
         ax.grid(alpha=0.3, axis="y")
         if not names:
             ax.text(0.5, 0.5, "no ground truth", ha="center", va="center", transform=ax.transAxes)
-    axes[-1].set_xlabel("state")
+    axes[-1].set_xlabel("concept")
     if names:
         axes[0].legend(
             fontsize=7, ncol=min(4, len(names)), loc="lower left", bbox_to_anchor=(0, 1.02)
@@ -153,7 +155,7 @@ def plot_steering(ax: Axes, rows: list[dict[str, Any]]) -> None:
         label="spliced, not steered",
     )
     ax.set_xticks(list(xs), [r["method"] for r in shown], rotation=30, ha="right", fontsize=7)
-    ax.set_ylabel("next state valid for the target")
+    ax.set_ylabel("continuation fits the target concept")
     ax.set_ylim(0, 1.05)
     ax.grid(alpha=0.3, axis="y")
     if shown:
@@ -169,8 +171,10 @@ def summary_figure(result: ComparisonResult) -> Figure:
     """All plots in one Figure (what `ComparisonResult.plot()` returns)."""
     fig = Figure(figsize=(16, 9), layout="constrained")
     grid = fig.add_gridspec(2, 3)
-    plot_metric_vs_l0(fig.add_subplot(grid[0, 0]), result.rows, "fve", "FVE")
-    plot_metric_vs_l0(fig.add_subplot(grid[0, 1]), result.rows, "ce_loss_recovered", "CE recovered")
+    plot_metric_vs_l0(
+        fig.add_subplot(grid[0, 0]), result.rows, "explained_variance", "explained variance"
+    )
+    plot_metric_vs_l0(fig.add_subplot(grid[0, 1]), result.rows, "ce_loss_score", "CE loss score")
     plot_densities(fig.add_subplot(grid[0, 2]), result)
     inner = grid[1, :2].subgridspec(2, 1)
     pr_axes = [fig.add_subplot(inner[0]), fig.add_subplot(inner[1])]
@@ -189,9 +193,13 @@ def _single(draw: Any, size: tuple[float, float] = (6.5, 4.5), n_axes: int = 1) 
 def figures(result: ComparisonResult) -> dict[str, Figure]:
     """The report's figures by file name."""
     return {
-        "fve_vs_l0.png": _single(lambda ax: plot_metric_vs_l0(ax, result.rows, "fve", "FVE")),
+        "fve_vs_l0.png": _single(
+            lambda ax: plot_metric_vs_l0(
+                ax, result.rows, "explained_variance", "explained variance"
+            )
+        ),
         "ce_recovered_vs_l0.png": _single(
-            lambda ax: plot_metric_vs_l0(ax, result.rows, "ce_loss_recovered", "CE recovered")
+            lambda ax: plot_metric_vs_l0(ax, result.rows, "ce_loss_score", "CE loss score")
         ),
         "latent_density.png": _single(lambda ax: plot_densities(ax, result)),
         "state_precision_recall.png": _single(
@@ -230,23 +238,29 @@ def notes(result: ComparisonResult) -> list[str]:
             f"`{cfg.get('model_name')}` (weights fingerprint {cfg.get('model_fingerprint')})."
         )
     lines.append(
-        "CE loss recovered = (CE_zero_ablation − CE_spliced) / (CE_zero_ablation − CE_clean); "
-        "zero ablation sets the activation to 0 at the tokens a method replaces. KL = mean "
-        "KL(clean ‖ spliced) per token. A latent is active when its activation is > 0 (a "
-        "codebook's chosen codes)."
+        "Metrics are SAELens' own (sae_lens.evals.run_evals): ce_loss_score = (CE_ablation − "
+        "CE_sae) / (CE_ablation − CE_clean), where ablation zeroes the activation at every "
+        "position and the method replaces it at every non-excluded one; kl_div_with_sae = mean "
+        "KL(clean ‖ spliced) over non-excluded positions; mse = mean over tokens of ‖x − x̂‖² "
+        "(summed over dimensions); explained_variance = 1 − mse / total variance. Excluded "
+        "tokens are left out of every mean. A latent is active when its activation is ≠ 0 (a "
+        "codebook's chosen codes). fve, ce_loss_recovered and kl repeat explained_variance, "
+        "ce_loss_score and kl_div_with_sae."
     )
     evaluation = cfg.get("evaluation", {})
     if any(_finite(r.get("steering_success")) for r in result.rows):
         where = {
-            "last": "the prompt's last token",
-            "next_state": "the positions predicting the next state",
+            "last": "the task's steering positions (TokFSM: the prompt's last token)",
+            "generation": "every position from there on that predicts a generated token",
         }
         lines.append(
-            "Steering: each target state's best latent (highest F1 on the evaluation tokens) is "
+            "Steering: each target concept's best latent (highest F1 on the evaluation tokens) is "
             f"forced at {where.get(evaluation.get('steering_positions'), 'the chosen positions')} of "
-            f"{evaluation.get('steering_prompts')} prompts ending in another state, with the method "
-            "spliced in (codebooks: the code is forced; SAEs: the latent is clamped to its mean "
-            "active value); steering_baseline is the same splice with nothing forced."
+            f"{evaluation.get('steering_prompts')} task prompts in another concept, with the "
+            "method spliced in (codebooks: the code is forced; SAEs: the latent is clamped to its "
+            "mean active value); success is the task's check of the continuation (TokFSM: the "
+            "next state is a successor of the target); steering_baseline is the same splice with "
+            "nothing forced."
         )
     if any(r.get("init_tokens") for r in result.rows):
         lines.append(
@@ -259,8 +273,8 @@ def notes(result: ComparisonResult) -> list[str]:
             f"Codebook trained by our loop (`{a['ours']}`) vs by SAELens' SAETrainer "
             f"(`{a['saelens']}`): same codes on {a['same_codes_fraction']:.1%} of evaluation "
             f"tokens, largest code difference {a['max_code_difference']:.2g} of the largest code "
-            f"norm, FVE difference {_fmt(a.get('fve_difference'))}, CE-recovered difference "
-            f"{_fmt(a.get('ce_loss_recovered_difference'))}."
+            f"norm, explained-variance difference {_fmt(a.get('explained_variance_difference'))}, "
+            f"CE-loss-score difference {_fmt(a.get('ce_loss_score_difference'))}."
         )
     return lines
 
@@ -312,15 +326,18 @@ figure {{ display: inline-block; margin: 1em; }} img {{ max-width: 720px; }}
 
 
 def write_report(result: ComparisonResult, out_dir: str | Path) -> Path:
-    """Write every report file into `out_dir` (created if needed); returns `out_dir`."""
+    """Write every report file into `out_dir` (created if needed), each one atomically (a killed
+    run leaves every file whole, old or new); returns `out_dir`."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     result.to_json(out / "comparison.json")
     result.to_csv(out / "comparison.csv")
-    (out / "comparison.md").write_text(markdown(result))
+    atomic_write_text(out / "comparison.md", markdown(result))
     details = {"config": result.config, "agreement": result.agreement, "methods": result.details}
-    (out / "details.json").write_text(json.dumps(_json_value(details), indent=1))
+    atomic_write_json(out / "details.json", details)
     for name, fig in figures(result).items():
-        fig.savefig(out / name, dpi=110)
-    (out / "index.html").write_text(index_html(result))
+        png = io.BytesIO()
+        fig.savefig(png, format="png", dpi=110)
+        atomic_write_bytes(out / name, png.getvalue())
+    atomic_write_text(out / "index.html", index_html(result))
     return out

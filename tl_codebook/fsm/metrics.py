@@ -3,22 +3,22 @@ accuracy, and held-out next-token loss.
 
 `model` is anything mapping `Int[Tensor, "batch pos"]` tokens to `Float[Tensor, "batch pos vocab"]`
 logits with causal attention: a `HookedTransformer` (with or without codebooks) or a plain callable.
+Generation is the one `tl_codebook.tasks.sample_sequences` (re-exported here).
 """
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from jaxtyping import Int
-from torch import Tensor, nn
+from torch import Tensor
 
 from tl_codebook.fsm.machine import FSM
-
-TokensToLogits = Callable[[Tensor], Tensor]
+from tl_codebook.tasks import TokensToLogits, sample_sequences
+from tl_codebook.tasks import checked_logits as _logits
+from tl_codebook.tasks import evaluating as _evaluating
 
 
 @dataclass(frozen=True)
@@ -68,70 +68,6 @@ def transition_accuracy(
         n_transitions=n_counted * n_sequences,
         n_first_transitions=n_sequences,
     )
-
-
-def _device(model: TokensToLogits) -> torch.device:
-    if isinstance(model, nn.Module):
-        for tensor in model.parameters():
-            return tensor.device
-    return torch.device("cpu")
-
-
-@contextlib.contextmanager
-def _evaluating(model: TokensToLogits) -> Iterator[None]:
-    """Eval mode and no gradients for the duration; restores the module's training flag."""
-    was_training = isinstance(model, nn.Module) and model.training
-    if isinstance(model, nn.Module):
-        model.eval()
-    try:
-        with torch.no_grad():
-            yield
-    finally:
-        if was_training and isinstance(model, nn.Module):
-            model.train()
-
-
-def _logits(model: TokensToLogits, tokens: Tensor, min_vocab: int) -> Tensor:
-    logits = model(tokens.to(_device(model)))
-    if logits.ndim != 3 or tuple(logits.shape[:2]) != tuple(tokens.shape):
-        raise ValueError(
-            f"model must return logits of shape (batch, pos, vocab) = ({tokens.shape[0]}, "
-            f"{tokens.shape[1]}, vocab); got {tuple(logits.shape)}."
-        )
-    if logits.shape[-1] < min_vocab:
-        raise ValueError(
-            f"model's vocabulary ({logits.shape[-1]}) is smaller than the FSM's ({min_vocab})."
-        )
-    return logits.float()
-
-
-def sample_sequences(
-    model: TokensToLogits,
-    prompts: Int[Tensor, "batch prompt_len"],
-    seq_len: int,
-    temperature: float = 1.0,
-    generator: torch.Generator | None = None,
-) -> Int[Tensor, "batch seq_len"]:
-    """Extend `prompts` to `seq_len` tokens by sampling one token per full forward pass.
-
-    No KV cache: each step re-runs the whole prefix. `temperature=0` takes the argmax. Sampling
-    happens on the CPU with `generator`, so results do not depend on the model's device.
-    """
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}.")
-    if seq_len <= prompts.shape[1]:
-        raise ValueError(f"seq_len={seq_len} must exceed the prompt length {prompts.shape[1]}.")
-    tokens = prompts.cpu()
-    with _evaluating(model):
-        for _ in range(seq_len - prompts.shape[1]):
-            last = _logits(model, tokens, 1)[:, -1].cpu()
-            if temperature == 0:
-                next_token = last.argmax(dim=-1, keepdim=True)
-            else:
-                probs = torch.softmax(last / temperature, dim=-1)
-                next_token = torch.multinomial(probs, 1, generator=generator)
-            tokens = torch.cat([tokens, next_token], dim=1)
-    return tokens
 
 
 def sample_transition_accuracy(
@@ -227,3 +163,14 @@ def next_token_loss(
             total += loss.item()
             count += targets.numel()
     return total / count
+
+
+__all__ = [
+    "TokensToLogits",
+    "TransitionAccuracy",
+    "first_transition_accuracy_exact",
+    "next_token_loss",
+    "sample_sequences",
+    "sample_transition_accuracy",
+    "transition_accuracy",
+]
