@@ -49,7 +49,9 @@ def test_forcing_a_code_steers_generation(make_tiny_cfg, tokens, positional):
     target = model.unembed(model.ln_final(cb.codes[0].unsqueeze(0)))[0].argmax(-1)  # per code
     code = int(torch.nonzero(target != target[0])[0, 0]) if (target != target[0]).any() else 0
     prompt = tokens[:, :3]
-    with model.force_codes({LAST_RESID: [code]}, positions=[-1]):
+    # positions are absolute: from the prompt's last token on, every new token is predicted
+    # from a forced position
+    with model.force_codes({LAST_RESID: [code]}, positions=range(2, model.cfg.n_ctx)):
         out = model.generate(
             prompt, max_new_tokens=5, do_sample=False, stop_at_eos=False, verbose=False
         )

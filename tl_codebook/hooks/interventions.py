@@ -7,12 +7,14 @@ model's ordinary hook/module state, so they hold through `generate`, `run_with_c
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import torch
-from jaxtyping import Int
+from jaxtyping import Bool, Int
 from torch import Tensor
 from transformer_lens.hook_points import HookPoint
 
@@ -20,18 +22,40 @@ from tl_codebook.codebook import Codebook
 from tl_codebook.hooks.model import codebooks_of, unknown_hook_error
 
 CodeSpec = Sequence[int] | Mapping[int, Sequence[int]]
-"""Code ids for every group (a list), or per group ({group_index: [ids]})."""
+"""Code ids for every group (a list), or per group ({group_index: [ids]}). Public functions take
+`Any` where a CodeSpec goes and check it themselves, so a wrong value gets our error message."""
+
+POSITIONS_MEANING = (
+    "`positions` are absolute token positions in the whole sequence (prompt and generated "
+    "tokens); a negative position counts back from the end of the input given to forward, "
+    "run_with_cache or generate (-1 is the input's last token) and is resolved once per input, "
+    "so the same positions are forced with and without the KV cache; None means every position, "
+    "and range(len(prompt) - 1, model.cfg.n_ctx) the prompt's last token and every generated "
+    "token, so that each new token is predicted from a forced position."
+)
+
+
+def _integer(value: Any, what: str) -> int:
+    """`value` as an int; bools, floats and strings are refused rather than silently converted."""
+    if isinstance(value, (bool, str, bytes, float)):
+        raise TypeError(f"{what} must be integers, got {value!r}.")
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise TypeError(f"{what} must be integers, got {value!r}.") from None
 
 
 def _per_group(spec: Any, codebook: Codebook, what: str) -> dict[int, list[int]]:
     """Normalise a CodeSpec to {group: [ids]}, checking every id and group index."""
     cfg = codebook.cfg
-    if isinstance(spec, int):
+    if isinstance(spec, (str, bytes)) or not isinstance(spec, (Mapping, Iterable)):
         spec = [spec]
     if isinstance(spec, Mapping):
-        groups = {int(g): [int(c) for c in ids] for g, ids in spec.items()}
+        groups = {
+            _integer(g, "groups"): [_integer(c, "code ids") for c in ids] for g, ids in spec.items()
+        }
     else:
-        ids = [int(c) for c in spec]
+        ids = [_integer(c, "code ids") for c in spec]
         groups = {g: ids for g in range(cfg.n_groups)}
     for g, ids in groups.items():
         if not 0 <= g < cfg.n_groups:
@@ -47,6 +71,24 @@ def _per_group(spec: Any, codebook: Codebook, what: str) -> dict[int, list[int]]
         if len(set(ids)) != len(ids):
             raise ValueError(f"{what} at {cfg.hook_name!r}: repeated code ids in {ids}.")
     return groups
+
+
+def check_positions(positions: Any, n_ctx: int | None = None) -> list[int] | None:
+    """`positions` as a list of ints (a bare int is one position), refusing non-integers and,
+    given the model's context length, positions that can never lie inside it."""
+    if positions is None:
+        return None
+    if isinstance(positions, (str, bytes)) or not isinstance(positions, Iterable):
+        positions = [positions]
+    checked = [_integer(p, "positions") for p in positions]
+    if n_ctx is not None:
+        for p in checked:
+            if not -n_ctx <= p < n_ctx:
+                raise ValueError(
+                    f"force_codes: position {p} can never lie inside the context (n_ctx={n_ctx}); "
+                    f"valid positions are {-n_ctx}..{n_ctx - 1}."
+                )
+    return checked
 
 
 def _resolve(model: torch.nn.Module, codes: Mapping[str, Any]) -> dict[str, Codebook]:
@@ -72,32 +114,118 @@ def insert_codes(ids: Int[Tensor, "... k"], forced: Int[Tensor, " f"]) -> Int[Te
     return torch.cat([forced.expand(*ids.shape[:-1], f), natural], dim=-1)
 
 
-def _window_mask(
-    n_pos: int, positions: Sequence[int] | None, offset: int, device: torch.device
-) -> Tensor | None:
-    """Boolean mask over the current window's positions, from absolute (or negative) positions."""
-    if positions is None:
-        return None
-    total = offset + n_pos
-    absolute = {p if p >= 0 else total + p for p in positions}
-    mask = torch.zeros(n_pos, dtype=torch.bool, device=device)
-    for p in absolute:
-        if offset <= p < total:
-            mask[p - offset] = True
-    return mask
+@dataclass
+class SequenceWindow:
+    """Where the tokens of the current forward sit in their sequence.
+
+    `start`: how many tokens of the sequence are already in the KV cache (0 without one).
+    `input_length`: the length of the input negative positions count back from; None until the
+    first codebook of a new input sees it. `generating`: inside a `generate` call, whose forwards
+    all continue its prompt (with the cache one new token each, without it the whole sequence).
+    """
+
+    start: int = 0
+    input_length: int | None = None
+    generating: bool = False
+
+    def begin_forward(self, cached: int) -> None:
+        """Called before each forward's first block with the KV cache's length."""
+        self.start = cached
+        if cached == 0 and not (self.generating and self.input_length is not None):
+            self.input_length = None  # a new input; its length is read at the first codebook
+
+    def mask(
+        self, n_pos: int, positions: Sequence[int], device: torch.device
+    ) -> Bool[Tensor, " pos"]:
+        """Which of this forward's `n_pos` positions are among the absolute `positions`."""
+        if self.input_length is None:
+            self.input_length = self.start + n_pos
+        absolute = {p if p >= 0 else self.input_length + p for p in positions}
+        mask = torch.zeros(n_pos, dtype=torch.bool, device=device)
+        for p in absolute:
+            if self.start <= p < self.start + n_pos:
+                mask[p - self.start] = True
+        return mask
+
+
+def _cache_length(entry: Any) -> int:
+    """Tokens already held by a TransformerLens KV cache entry (0 for none or an empty one)."""
+    keys = getattr(entry, "past_keys", None)
+    return 0 if keys is None else int(keys.shape[1])
+
+
+@contextmanager
+def _tracking_window(model: torch.nn.Module, window: SequenceWindow) -> Iterator[None]:
+    """Keep `window` up to date on `model` for the block (any HookedTransformer).
+
+    A forward pre-hook on every block reads its KV cache entry (TransformerLens' generate calls
+    `model.forward` directly, so a hook on the model itself would miss it), and `generate` /
+    `generate_stream` are wrapped for the block to mark where each generation's prompt begins.
+    Both are removed on exit.
+    """
+
+    def before_block(module: torch.nn.Module, args: Any, kwargs: dict[str, Any]) -> None:
+        window.begin_forward(_cache_length(kwargs.get("past_kv_cache_entry")))
+
+    blocks = getattr(model, "blocks", None)
+    handles = [
+        block.register_forward_pre_hook(before_block, with_kwargs=True) for block in blocks or []
+    ]
+    wrapped: dict[str, Any] = {}
+
+    def wrap(name: str) -> None:
+        original = getattr(model, name, None)
+        if original is None:
+            return
+        wrapped[name] = model.__dict__.get(name)
+
+        if name == "generate_stream":
+
+            def stream(*args: Any, **kwargs: Any) -> Iterator[Any]:
+                outer = window.generating, window.input_length
+                window.generating, window.input_length = True, None
+                try:
+                    yield from original(*args, **kwargs)
+                finally:
+                    window.generating, window.input_length = outer[0], None
+
+            object.__setattr__(model, name, stream)
+        else:
+
+            def generate(*args: Any, **kwargs: Any) -> Any:
+                outer = window.generating
+                window.generating, window.input_length = True, None
+                try:
+                    return original(*args, **kwargs)
+                finally:
+                    window.generating, window.input_length = outer, None
+
+            object.__setattr__(model, name, generate)
+
+    for name in ("generate", "generate_stream"):
+        wrap(name)
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+        for name, previous in wrapped.items():
+            if previous is None:
+                model.__dict__.pop(name, None)
+            else:
+                object.__setattr__(model, name, previous)
 
 
 def force_codes_hook(
     codebook: Codebook,
-    codes: CodeSpec,
-    positions: Iterable[int] | None = None,
-    position_offset: Callable[[], int] = lambda: 0,
+    codes: Any,
+    positions: int | Iterable[Any] | None = None,
+    window: SequenceWindow | None = None,
 ) -> Callable[[Tensor, HookPoint], Tensor]:
     """A hook for `{site}.hook_codes` that forces `codes` on (see `insert_codes`).
 
-    `positions` are absolute token positions (negative ones count from the end of the sequence
-    so far, so -1 is the newest token, also while generating with a KV cache); None means all.
-    `position_offset` tells where the current forward's window starts (0 without a KV cache).
+    Positions: see `POSITIONS_MEANING`. `window` tells where each forward's tokens sit in the
+    sequence (`force_codes` keeps it up to date); without one, every forward is a whole input.
     """
     per_group = _per_group(codes, codebook, "force_codes")
     too_many = {g: ids for g, ids in per_group.items() if len(ids) > codebook.cfg.k}
@@ -106,11 +234,16 @@ def force_codes_hook(
             f"force_codes at {codebook.cfg.hook_name!r}: cannot force {too_many} with k={codebook.cfg.k}; "
             "at most k codes can be active per group."
         )
-    pos = None if positions is None else [int(p) for p in positions]
+    pos = check_positions(positions)
+    own_window = window is None
 
     def hook(ids: Tensor, hook: HookPoint) -> Tensor:
         # ids: [..., pos, n_groups, k]
-        mask = _window_mask(ids.shape[-3], pos, position_offset(), ids.device)
+        mask = None
+        if pos is not None:
+            where = SequenceWindow() if own_window else window
+            assert where is not None
+            mask = where.mask(ids.shape[-3], pos, ids.device)
         out = ids.clone()
         for g, forced in per_group.items():
             if not forced:
@@ -129,27 +262,35 @@ def force_codes_hook(
 @contextmanager
 def force_codes(
     model: torch.nn.Module,
-    codes: Mapping[str, CodeSpec],
-    positions: Iterable[int] | None = None,
+    codes: Mapping[str, Any],
+    positions: int | Iterable[Any] | None = None,
 ) -> Iterator[None]:
     """Inside the block, the given codes are active at `positions` of each codebook site.
 
     `codes` maps a codebook's hook name to code ids (for every group) or {group: [ids]}.
-    Works with `generate`: positions are absolute, -1 is the newest token.
+    `positions` are absolute token positions in the whole sequence (prompt and generated
+    tokens); a negative position counts back from the end of the input given to forward,
+    run_with_cache or generate (-1 is the input's last token) and is resolved once per input,
+    so generating with and without the KV cache forces the same positions. None means every
+    position; `range(len(prompt) - 1, model.cfg.n_ctx)` the prompt's last token and every
+    generated token (each new token is then predicted from a forced position); a bare int one
+    position. Positions that can never lie inside `n_ctx`, and non-integer positions or ids,
+    are refused. Works on any HookedTransformer (HookedSAETransformer, ...) with codebooks.
     """
     chosen = _resolve(model, codes)
-    offset_of = lambda: int(getattr(model, "_position_offset", 0))  # noqa: E731
-    pos = None if positions is None else list(positions)
+    cfg = getattr(model, "cfg", None)
+    pos = check_positions(positions, getattr(cfg, "n_ctx", None))
+    window = SequenceWindow()
     hooks = [
-        (f"{name}.hook_codes", force_codes_hook(cb, codes[name], pos, offset_of))
+        (f"{name}.hook_codes", force_codes_hook(cb, codes[name], pos, window))
         for name, cb in chosen.items()
     ]
-    with model.hooks(fwd_hooks=hooks):  # type: ignore[operator]
+    with model.hooks(fwd_hooks=hooks), _tracking_window(model, window):  # type: ignore[operator]
         yield
 
 
 @contextmanager
-def ablate_codes(model: torch.nn.Module, codes: Mapping[str, CodeSpec]) -> Iterator[None]:
+def ablate_codes(model: torch.nn.Module, codes: Mapping[str, Any]) -> Iterator[None]:
     """Inside the block, the given codes can never be chosen; each token gets the next best."""
     chosen = _resolve(model, codes)
     previous = {name: cb.ablated for name, cb in chosen.items()}

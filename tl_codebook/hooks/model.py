@@ -179,7 +179,6 @@ class HookedCodebookTransformer(HookedTransformer):
     or wrapped around an existing one with `from_model` (weights shared, not copied).
     """
 
-    _position_offset: int = 0
     fine_tuned: bool = False
     """Set by joint training: the base weights changed, so `save_codebooks` saves them too."""
 
@@ -238,8 +237,12 @@ class HookedCodebookTransformer(HookedTransformer):
         """Context manager: codebooks bypassed inside the block (the base model's behaviour)."""
         return codebooks_disabled(self, names)
 
-    def force_codes(self, codes: Mapping[str, Any], positions: Iterable[int] | None = None):  # noqa: ANN201
-        """Context manager: these codes are active at `positions` (all when None); see interventions."""
+    def force_codes(self, codes: Mapping[str, Any], positions: int | Iterable[Any] | None = None):  # noqa: ANN201
+        """Context manager: these codes are active at `positions` (all when None).
+
+        Positions are absolute in the whole sequence; negative ones count back from the end of
+        the input (the prompt, for generate), resolved once; see `interventions.force_codes`.
+        """
         from tl_codebook.hooks.interventions import force_codes
 
         return force_codes(self, codes, positions)
@@ -270,33 +273,41 @@ class HookedCodebookTransformer(HookedTransformer):
 
     # -- generation ----------------------------------------------------------------------------
 
-    def generate(self, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
-        """`HookedTransformer.generate`, made correct for models without a tokenizer.
+    _generating: bool = False
 
-        TransformerLens 3.9's generate with a KV cache and no attention mask (no tokenizer)
-        recomputes positional embeddings for the whole sequence with the cache length as
-        offset, so with absolute ("standard"/"shortformer") positional embeddings every new token
-        after the first gets the wrong position and greedy decoding diverges from a step-by-step
-        loop (rotary models are unaffected). For those models we switch the KV cache off, which
-        is exact (tests compare against a step-by-step greedy loop).
+    def generate(self, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
+        """`HookedTransformer.generate`, with the KV cache made exact for models without a tokenizer.
+
+        TransformerLens 3.9's cached generate without an attention mask (no tokenizer) computes
+        absolute ("standard"/"shortformer") positional embeddings for the whole sequence with
+        the cache length as offset, so every new token after the first gets the wrong position.
+        While generating, `get_residual` is given an all-ones attention mask, which makes
+        TransformerLens take each token's position from the mask (what it does when there is a
+        tokenizer). Cached and uncached generation then agree, and both equal a step-by-step
+        greedy loop (tests); rotary models were never affected.
         """
+        previous, self._generating = self._generating, True
+        try:
+            return super().generate(*args, **kwargs)
+        finally:
+            self._generating = previous
+
+    def generate_stream(self, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
+        """`HookedTransformer.generate_stream`, with the same fix as `generate`."""
+        previous, self._generating = self._generating, True
+        try:
+            yield from super().generate_stream(*args, **kwargs)
+        finally:
+            self._generating = previous
+
+    def get_residual(self, embed: Any, pos_offset: int, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
         if (
-            kwargs.get("use_past_kv_cache", True)
-            and self.tokenizer is None
+            self._generating
+            and pos_offset
+            and kwargs.get("attention_mask") is None
             and self.cfg.positional_embedding_type in ("standard", "shortformer")
         ):
-            kwargs["use_past_kv_cache"] = False
-        return super().generate(*args, **kwargs)
-
-    # -- forward: record where the current window starts, for position-aware interventions ----
-
-    def forward(self, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
-        cache = kwargs.get("past_kv_cache")
-        offset = 0
-        if cache is not None and len(cache.entries) and cache[0].past_keys is not None:
-            offset = int(cache[0].past_keys.shape[1])
-        previous, self._position_offset = self._position_offset, offset
-        try:
-            return super().forward(*args, **kwargs)
-        finally:
-            self._position_offset = previous
+            kwargs["attention_mask"] = torch.ones(
+                embed.shape[:2], dtype=torch.long, device=embed.device
+            )
+        return super().get_residual(embed, pos_offset, *args, **kwargs)
