@@ -7,7 +7,7 @@ Builds a model (`--model`), a token stream (`--dataset`), a `TrainConfig` from t
 from __future__ import annotations
 
 import argparse
-import json
+from contextlib import nullcontext
 from pathlib import Path
 
 from tl_codebook.training.config import CODEBOOK_INITS, MODES, SCHEDULES, TrainConfig
@@ -40,6 +40,12 @@ def add_train_command(parser: argparse.ArgumentParser) -> None:
     )
     what.add_argument(
         "--architecture", help="TransformerLens name of a local HF model dir's architecture"
+    )
+    what.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="let the model's or tokenizer's files run their own Python code (off: a config "
+        "file asking for it is refused)",
     )
     what.add_argument(
         "--dataset",
@@ -104,6 +110,11 @@ def add_train_command(parser: argparse.ArgumentParser) -> None:
         "--resume", action="store_true", help="continue from the latest checkpoint in --out"
     )
     out.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the results of an earlier run in --out (refused without it)",
+    )
+    out.add_argument(
         "--wandb-project", default=None, help="log to Weights & Biases (off by default)"
     )
     out.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -140,30 +151,57 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 
 def run_train_command(args: argparse.Namespace) -> int:
+    """Train as the flags say, holding --out's lock for the whole run.
+
+    Under torchrun only rank 0 touches --out (lock, checks, metrics, checkpoints, codebooks/,
+    summary.json); the other ranks read the data and the checkpoint, and write nothing.
+    """
+    from tl_codebook.files import atomic_directory, atomic_write_json, json_text, locked_run_dir
     from tl_codebook.io import load_model
-    from tl_codebook.training.data import token_batches
+    from tl_codebook.training.data import source_identity, token_batches
+    from tl_codebook.training.distributed import device_for_rank, dist_info_from_env
+    from tl_codebook.training.run_dir import prepare_run_dir
     from tl_codebook.training.trainer import train_codebooks
 
     config = config_from_args(args)
-    model = load_model(args.model, device=args.device, architecture=args.architecture)
-    data = token_batches(
-        args.dataset,
-        batch_size=args.batch_size,
-        seq_len=args.seq_len,
-        tokenizer=model.tokenizer,
-        text_column=args.text_column,
-        split=args.split,
-        bos_token_id=args.bos_token_id,
-        prepend_bos=model.tokenizer is not None or args.bos_token_id is not None,
-    )
-    result = train_codebooks(model, data, config, resume=args.resume)
-    saved = model.save_codebooks(Path(args.out) / "codebooks")
-    summary = {
-        "steps": result.steps,
-        "final_loss": result.final_loss,
-        "codebooks": sorted(result.codebooks),
-        "saved_to": str(saved),
-    }
-    (Path(args.out) / "summary.json").write_text(json.dumps(summary, indent=2))
-    print(json.dumps(summary, indent=2))
+    is_main = dist_info_from_env().is_main
+    out = Path(args.out)
+    with locked_run_dir(out) if is_main else nullcontext(out):
+        if is_main:
+            prepare_run_dir(out, resume=args.resume, overwrite=args.overwrite)
+        model = load_model(
+            args.model,
+            device=device_for_rank(args.device),
+            architecture=args.architecture,
+            trust_remote_code=args.trust_remote_code,
+        )
+        data = token_batches(
+            args.dataset,
+            batch_size=args.batch_size,
+            seq_len=args.seq_len,
+            tokenizer=model.tokenizer,
+            text_column=args.text_column,
+            split=args.split,
+            bos_token_id=args.bos_token_id,
+            prepend_bos=model.tokenizer is not None or args.bos_token_id is not None,
+            vocab_size=model.cfg.d_vocab,
+        )
+        data_id = {
+            **source_identity(args.dataset, args.split, args.text_column),
+            "bos_token_id": args.bos_token_id,
+        }
+        result = train_codebooks(model, data, config, resume=args.resume, data_id=data_id)
+        if not is_main:
+            return 0
+        saved = out / "codebooks"
+        with atomic_directory(saved) as building:  # a kill leaves the old codebooks/ or none
+            model.save_codebooks(building)
+        summary = {
+            "steps": result.steps,
+            "final_loss": result.final_loss,  # NaN (no step run) is written as null
+            "codebooks": sorted(result.codebooks),
+            "saved_to": str(saved),
+        }
+        atomic_write_json(out / "summary.json", summary)
+    print(json_text(summary))
     return 0

@@ -80,6 +80,7 @@ class TokenBatchStream:
         skip_batches: int,
         repeat: bool,
         description: str,
+        vocab_size: int | None = None,
     ):
         self.batch_size = batch_size
         self.seq_len = seq_len
@@ -87,6 +88,7 @@ class TokenBatchStream:
         self.repeat = repeat
         self._make_rows = make_rows
         self.description = description
+        self.vocab_size = vocab_size
         self._skip_batches = skip_batches
         self._rows: Iterator[Tensor] | None = None
 
@@ -113,7 +115,12 @@ class TokenBatchStream:
                 )
             raise StopIteration
         self.batches_consumed += 1
-        return torch.stack(rows)
+        batch = torch.stack(rows)
+        if self.vocab_size is not None:
+            _check_vocabulary(
+                batch, self.vocab_size, f"batch {self.batches_consumed - 1} of {self.description}"
+            )
+        return batch
 
     def _take_rows(self) -> list[Tensor]:
         assert self._rows is not None
@@ -151,6 +158,7 @@ def token_batches(
     pack: bool = True,
     skip_batches: int = 0,
     repeat: bool = False,
+    vocab_size: int | None = None,
 ) -> TokenBatchStream:
     """Batches of token rows `Int[Tensor, "batch_size seq_len"]` from any of these sources:
 
@@ -166,6 +174,9 @@ def token_batches(
     sequence must already be a row of `seq_len` tokens, used as is. `skip_batches` skips that
     many batches first (see `TokenBatchStream.batches_consumed`); `repeat` starts the source
     again at its end (not possible for a one-shot iterator). Empty documents are dropped.
+    With `vocab_size` (the model's `d_vocab`) every token id, BOS and separator included, must
+    lie in `[0, vocab_size)`: an id outside would index past the embedding, or (negative)
+    silently read its last rows.
     """
     if seq_len < 1:
         raise ValueError(f"seq_len must be >= 1, got {seq_len}")
@@ -180,6 +191,13 @@ def token_batches(
         )
     if pack:
         _body_length(seq_len, prepend_bos, bos_token_id)  # validate before any data is read
+    if vocab_size is not None:
+        for what, token_id in (("BOS", bos_token_id), ("separator", separator_token_id)):
+            if token_id is not None and not 0 <= token_id < vocab_size:
+                raise ValueError(
+                    f"{what} token id {token_id} is outside the model's vocabulary "
+                    f"[0, {vocab_size})."
+                )
 
     make_documents, description = _document_source(
         source, tokenizer, text_column, split, dataset_config, repeat
@@ -193,7 +211,9 @@ def token_batches(
             )
         return _exact_rows(documents, seq_len)
 
-    return TokenBatchStream(make_rows, batch_size, seq_len, skip_batches, repeat, description)
+    return TokenBatchStream(
+        make_rows, batch_size, seq_len, skip_batches, repeat, description, vocab_size
+    )
 
 
 def _document_source(
@@ -211,10 +231,15 @@ def _document_source(
         path = Path(source)
         builder = LOCAL_FILE_BUILDERS.get(path.suffix.lower())
         if builder is not None:
-            source = datasets.load_dataset(
-                builder, data_files=str(path), split="train", streaming=True
-            )
             description = f"file {str(path)!r}"
+            if path.is_file() and path.stat().st_size == 0:
+                raise ValueError(f"{description} is empty: it holds no documents.")
+            try:
+                source = datasets.load_dataset(
+                    builder, data_files=str(path), split="train", streaming=True
+                )
+            except StopIteration:  # the json builder finds no record to infer columns from
+                raise ValueError(f"{description} holds no records.") from None
         elif path.exists():
             raise ValueError(
                 f"cannot read {str(path)!r}: local files must end in one of "
@@ -285,6 +310,31 @@ def _iterable_documents(items: Iterable[Any]) -> Iterator[Tensor]:
             yield from tokens
         else:
             yield tokens
+
+
+def source_identity(
+    source: Any, split: str = "train", text_column: str = "text", dataset_config: str | None = None
+) -> dict[str, Any]:
+    """What names a data source, for checkpoints to refuse a resume on other data: the hub
+    name with its split and config, or a local file's absolute path, size and modification
+    time (an edited or replaced file is other data), plus the text column."""
+    identity: dict[str, Any] = {"text_column": text_column}
+    path = Path(source)
+    if path.suffix.lower() in LOCAL_FILE_BUILDERS and path.is_file():
+        stat = path.stat()
+        identity.update(file=str(path.resolve()), size=stat.st_size, mtime_ns=stat.st_mtime_ns)
+    else:
+        identity.update(dataset=str(source), split=split, dataset_config=dataset_config)
+    return identity
+
+
+def _check_vocabulary(batch: Tensor, vocab_size: int, where: str) -> None:
+    outside = (batch < 0) | (batch >= vocab_size)
+    if bool(outside.any()):
+        bad = int(batch[outside][0])
+        raise ValueError(
+            f"token id {bad} in {where} is outside the model's vocabulary [0, {vocab_size})."
+        )
 
 
 def _exact_rows(documents: Iterable[Tensor], seq_len: int) -> Iterator[Tensor]:

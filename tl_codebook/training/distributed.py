@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -29,18 +30,75 @@ class DistInfo:
         return self.world_size > 1
 
 
-def init_distributed(device: torch.device) -> DistInfo:
-    """Join the process group described by torchrun's environment variables (if any)."""
+def dist_info_from_env() -> DistInfo:
+    """This process's rank, world size and local rank from torchrun's environment variables,
+    before (or without) joining the process group: who writes the run directory."""
     if dist.is_available() and dist.is_initialized():
-        return DistInfo(
-            dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0))
+        return DistInfo(dist.get_rank(), dist.get_world_size(), _local_rank())
+    return DistInfo(
+        int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1")), _local_rank()
+    )
+
+
+def device_for_rank(device: str | None) -> str | None:
+    """The device this rank should load its model on: under torchrun each rank owns
+    `cuda:{LOCAL_RANK}` (otherwise every rank would land on cuda:0); `device` unchanged alone.
+
+    `None` or `"cuda"` become `cuda:{LOCAL_RANK}` when CUDA is there; a CUDA device naming
+    another index than LOCAL_RANK is refused.
+    """
+    info = dist_info_from_env()
+    if not info.enabled:
+        return device
+    if device is None:
+        return f"cuda:{info.local_rank}" if torch.cuda.is_available() else None
+    parsed = torch.device(device)
+    if parsed.type != "cuda":
+        return device
+    if parsed.index is not None and parsed.index != info.local_rank:
+        raise ValueError(
+            f"device {device!r} under torchrun: rank {info.rank} has LOCAL_RANK="
+            f"{info.local_rank}, so it trains on cuda:{info.local_rank}; give --device cuda."
         )
+    return f"cuda:{info.local_rank}"
+
+
+def init_distributed(device: torch.device) -> DistInfo:
+    """Join the process group described by torchrun's environment variables (if any).
+
+    On CUDA the model must sit on `cuda:{LOCAL_RANK}` (see `device_for_rank`); that device
+    becomes the current one, so NCCL and `torch.cuda` calls use it, not cuda:0.
+    """
+    if dist.is_available() and dist.is_initialized():
+        return DistInfo(dist.get_rank(), dist.get_world_size(), _local_rank())
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return DistInfo()
+    local_rank = _local_rank()
+    if device.type == "cuda":
+        if device.index is not None and device.index != local_rank:
+            raise ValueError(
+                f"Under torchrun the process with LOCAL_RANK={local_rank} trains on "
+                f"cuda:{local_rank}, but the model is on {device}; load it with "
+                f"device='cuda:{local_rank}' (tl_codebook.training.distributed.device_for_rank)."
+            )
+        torch.cuda.set_device(local_rank)
     backend = "nccl" if device.type == "cuda" else "gloo"
     dist.init_process_group(backend=backend)
-    return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
+    return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank)
+
+
+def ddp_device_kwargs(device: torch.device) -> dict[str, Any]:
+    """`DistributedDataParallel` arguments for a model on `device`: on CUDA, this rank's one
+    device (`device_ids=[LOCAL_RANK]`, output there too); on CPU none."""
+    if device.type != "cuda":
+        return {}
+    index = _local_rank() if device.index is None else device.index
+    return {"device_ids": [index], "output_device": index}
+
+
+def _local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", "0"))
 
 
 def all_reduce_sum(tensor: torch.Tensor, info: DistInfo) -> torch.Tensor:

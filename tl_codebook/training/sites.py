@@ -91,14 +91,20 @@ def parse_layers(layers: str | list[int], n_layers: int) -> list[int]:
         chosen = list(range(n_layers))
     else:
         chosen = []
-        try:
-            for piece in layers.split(","):
-                lo, dash, hi = piece.strip().partition("-")
-                chosen += list(range(int(lo), int(hi) + 1)) if dash else [int(lo)]
-        except ValueError:
-            raise ValueError(
-                f"Cannot read layers {layers!r}; use 'all', '3', '0-2' or '1,3'."
-            ) from None
+        for piece in layers.split(","):
+            lo, dash, hi = piece.strip().partition("-")
+            try:
+                first, last = int(lo), int(hi if dash else lo)
+            except ValueError:
+                raise ValueError(
+                    f"Cannot read layers {layers!r}; use 'all', '3', '0-2' or '1,3'."
+                ) from None
+            if last < first:
+                raise ValueError(
+                    f"Layer range {piece.strip()!r} in layers {layers!r} is empty; write the "
+                    f"lower layer first ('{last}-{first}')."
+                )
+            chosen += list(range(first, last + 1))
     bad = [layer for layer in chosen if not 0 <= layer < n_layers]
     if bad:
         raise ValueError(
