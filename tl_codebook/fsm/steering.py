@@ -3,6 +3,9 @@ is s" at each codebook site, and what the model does when those codes are forced
 
 The paper's claim under test: forcing state s′'s codes makes the model continue as if it were in
 s′ (its next state is a successor of s′), while a random code or no intervention does not.
+Prompts, targets and the success check are the TokFSM task's steering measure
+(`tl_codebook.fsm.task.TokFSMTask`), the same one `tl-codebook compare` scores SAEs with;
+generation is the one `tl_codebook.tasks.sample_sequences`.
 """
 
 from __future__ import annotations
@@ -20,8 +23,9 @@ from tqdm.auto import tqdm
 from tl_codebook.analysis.concepts import ConceptScores, code_concept_precision_recall
 from tl_codebook.fsm.dataset import determined_states
 from tl_codebook.fsm.machine import FSM
-from tl_codebook.fsm.metrics import sample_sequences
+from tl_codebook.fsm.task import TokFSMTask
 from tl_codebook.hooks.model import HookedCodebookTransformer
+from tl_codebook.tasks import sample_sequences
 
 SteeringSpec = dict[str, dict[int, list[int]]]
 """For `force_codes`: codebook site -> {group: [code ids]}."""
@@ -283,7 +287,7 @@ def _digits_value(digits: list[int], base: int) -> int | None:
 
 
 @torch.no_grad()
-def generate_next_state(
+def generate_steered(
     model: HookedCodebookTransformer,
     fsm: FSM,
     prompts: Int[Tensor, "batch prompt_len"],
@@ -291,14 +295,13 @@ def generate_next_state(
     spec_for: SpecFor | None,
     temperature: float = 1.0,
     generator: torch.Generator | None = None,
-) -> Int[Tensor, " batch"]:
-    """Generate the next state after each prompt while steering towards state `target`.
+) -> Int[Tensor, "batch total_len"]:
+    """The prompts followed by the next state's digits, generated while steering to `target`.
 
     The prompt's last token ends the current state. For each digit j of the next state, the
     codes `spec_for(i, label)` are forced at the prompt's last position + i for every i <= j,
     where label is the context "state `target`, then the i digits generated so far" (see
-    `context_labels`). `spec_for=None` forces nothing. Returns the generated state, -1 where
-    the digits are not a state.
+    `context_labels`). `spec_for=None` forces nothing.
     """
     d, base = fsm.digits_per_state, fsm.base
     last = prompts.shape[1] - 1
@@ -327,6 +330,22 @@ def generate_next_state(
                 )
             next_token[rows] = sample[:, -1]
         tokens = torch.cat([tokens, next_token[:, None]], dim=1)
+    return tokens
+
+
+@torch.no_grad()
+def generate_next_state(
+    model: HookedCodebookTransformer,
+    fsm: FSM,
+    prompts: Int[Tensor, "batch prompt_len"],
+    target: int,
+    spec_for: SpecFor | None,
+    temperature: float = 1.0,
+    generator: torch.Generator | None = None,
+) -> Int[Tensor, " batch"]:
+    """The next state generated after each prompt while steering towards state `target` (see
+    `generate_steered`); -1 where the digits are not a state."""
+    tokens = generate_steered(model, fsm, prompts, target, spec_for, temperature, generator)
     return fsm.tokens_to_states(tokens)[:, -1]
 
 
@@ -357,14 +376,10 @@ def evaluate_interventions(
         raise ValueError(
             f"n_prompts and prompt_states must be >= 1, got {n_prompts}, {prompt_states}."
         )
-    if fsm.n_states < 2:
-        raise ValueError("steering needs an FSM with at least 2 states.")
+    task = TokFSMTask(fsm, int(model.cfg.n_ctx), steering_prompt_states=prompt_states)
     generator = torch.Generator().manual_seed(seed)
-    walks = fsm.sample_trajectories(n_prompts, prompt_states, generator)
-    sources = walks[:, -1]
-    offsets = torch.randint(1, fsm.n_states, (n_prompts,), generator=generator)
-    targets = (sources + offsets) % fsm.n_states
-    prompts = fsm.trajectory_to_tokens(walks)
+    trials = task.steering_trials(n_prompts, generator=generator)
+    sources, targets, prompts = trials.sources, trials.targets, trials.prompts
     tables = [
         {site: GroupBestCodes.from_scores(scores) for site, scores in phase.items()}
         for phase in phase_scores
@@ -389,7 +404,7 @@ def evaluate_interventions(
         "steer_last_position": last_position,
         "random_code": random_code,
     }
-    next_states = {c: torch.full((n_prompts,), -1, dtype=torch.long) for c in CONDITIONS}
+    generated = {c: torch.zeros(n_prompts, trials.total_len, dtype=torch.long) for c in CONDITIONS}
     unique_targets = targets.unique().tolist()
     bar = tqdm(
         total=len(unique_targets) * len(CONDITIONS),
@@ -400,20 +415,21 @@ def evaluate_interventions(
     for target in unique_targets:
         rows = targets == target
         for condition in CONDITIONS:
-            next_states[condition][rows] = generate_next_state(
+            generated[condition][rows] = generate_steered(
                 model, fsm, prompts[rows], target, spec_fors[condition], temperature, generator
             )
             bar.update()
     bar.close()
     matrix = fsm.transition_matrix
-
-    def rate(states: Tensor, reference: Tensor) -> float:
-        valid = states >= 0
-        return (valid & matrix[reference, states.clamp(min=0)]).float().mean().item()
-
     results: dict[str, Any] = {
-        condition: {"success": rate(states, targets), "follows_source": rate(states, sources)}
-        for condition, states in next_states.items()
+        condition: {
+            "success": task.steering_success(trials, tokens).float().mean().item(),
+            "follows_source": task.steering_success(trials.aimed_at_sources(), tokens)
+            .float()
+            .mean()
+            .item(),
+        }
+        for condition, tokens in generated.items()
     }
     slots = [sum(len(g) for g in steer(0, t).values()) for t in unique_targets]
     shared = (matrix[targets] & matrix[sources]).sum(-1).float() / fsm.n_edges
