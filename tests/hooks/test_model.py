@@ -241,3 +241,28 @@ def test_in_place_hooks_after_a_codebook_work_with_gradients(
     loss.backward()
     assert cb.codes.grad is not None and cb.codes.grad.abs().sum() > 0
     assert model.W_E.grad is not None and model.W_E.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("cls", [HookedCodebookTransformer, HookedSAETransformer])
+@pytest.mark.parametrize("pos_slice, index", [(-1, [-1]), ((1, 3), slice(1, 3)), ([0, 2], [0, 2])])
+def test_pos_slice_slices_codebook_hooks_on_their_position_axis(
+    tiny_cfg, tokens, cls, pos_slice, index
+):
+    """TransformerLens picks the position axis by hook-name suffix; codes and a hook_z codebook's
+    input/output have theirs elsewhere. Each cached entry is the full one, sliced along pos
+    (an int keeps the axis, as TransformerLens does for its own hook points)."""
+    model = cls(tiny_cfg)
+    torch.manual_seed(0)
+    for name, kw in SITES.items():
+        attach_codebook(model, Codebook(CodebookConfig(num_codes=24, hook_name=name, **kw)))
+    _, full = model.run_with_cache(tokens)
+    _, sliced = model.run_with_cache(tokens, pos_slice=pos_slice)
+    for site in SITES:
+        for suffix in ("", ".hook_codebook_in", ".hook_codes", ".hook_codebook_out"):
+            name = site + suffix
+            assert torch.equal(sliced[name], full[name][:, index]), name
+    b = tokens.shape[0]
+    if pos_slice == -1:
+        assert sliced["blocks.0.attn.hook_z.hook_codes"].shape == (b, 1, 4, 2)
+        assert sliced["blocks.0.attn.hook_z.hook_codebook_in"].shape == (b, 1, 4, 4)
+        assert sliced["blocks.1.hook_mlp_out.hook_codes"].shape == (b, 1, 1, 1)

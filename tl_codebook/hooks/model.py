@@ -10,14 +10,19 @@ from __future__ import annotations
 
 import copy
 import difflib
+import inspect
+import types
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
 from transformer_lens import HookedTransformer
 from transformer_lens.hook_points import HookPoint
+from transformer_lens.HookedRootModule import HookedRootModule
+from transformer_lens.utilities.slice import Slice
 
 from tl_codebook.codebook import Codebook
 
@@ -81,6 +86,78 @@ def probe_activation_shape(model: HookedTransformer, hook_name: str) -> tuple[in
     return seen[0]
 
 
+_TL_HEAD_SUFFIXES = ("hook_q", "hook_k", "hook_v", "hook_z", "hook_result")
+"""TransformerLens' own rule (HookedRootModule.get_caching_hooks): these names have their
+position axis third from last ([batch, pos, head, d]), every other name second from last."""
+
+
+def codebook_position_axes(model: torch.nn.Module) -> dict[str, int]:
+    """The codebook hook points whose position axis is not where TransformerLens' name rule puts
+    it (second from last): `hook_codes` ([..., pos, n_groups, k]) always, and the input/output of
+    a codebook at a per-head site ([..., pos, head, d_head]); name -> axis from the end."""
+    axes: dict[str, int] = {}
+    for site in codebooks_of(model):
+        axes[f"{site}.hook_codes"] = -3
+        if site.endswith(_TL_HEAD_SUFFIXES):
+            axes[f"{site}.hook_codebook_in"] = axes[f"{site}.hook_codebook_out"] = -3
+    return axes
+
+
+_CACHING_SIGNATURE = inspect.signature(HookedRootModule.get_caching_hooks)
+
+
+def _codebook_caching_hooks(
+    model: torch.nn.Module, base: Any, *args: Any, **kwargs: Any
+) -> tuple[dict, list, list]:
+    """TransformerLens' caching hooks, with codebook hook points sliced on their own position
+    axis under `pos_slice` (TransformerLens picks the axis by name suffix, which is wrong for
+    `hook_codes` and for a per-head codebook's input/output)."""
+    cache, fwd, bwd = base(*args, **kwargs)
+    bound = _CACHING_SIGNATURE.bind(model, *args, **kwargs)
+    bound.apply_defaults()
+    slicer = Slice.unwrap(bound.arguments["pos_slice"])
+    axes = codebook_position_axes(model)
+    if slicer.mode == "identity" or not axes:
+        return cache, fwd, bwd
+    device, remove_batch_dim = bound.arguments["device"], bound.arguments["remove_batch_dim"]
+
+    def save(tensor: torch.Tensor, hook: HookPoint, is_backward: bool = False) -> None:
+        assert hook.name is not None
+        axis = axes[hook.name]
+        value = tensor.detach().to(device)
+        if remove_batch_dim:
+            value = value[0]
+        if value.dim() >= -axis:
+            value = slicer.apply(value, dim=axis)
+        cache[hook.name + ("_grad" if is_backward else "")] = value
+
+    def fixed(hooks: list, is_backward: bool) -> list:
+        return [
+            (name, partial(save, is_backward=is_backward)) if name in axes else (name, hook)
+            for name, hook in hooks
+        ]
+
+    return cache, fixed(fwd, False), fixed(bwd, True)
+
+
+def _slice_codebook_hooks_on_their_axis(model: torch.nn.Module) -> None:
+    """Make `model.run_with_cache(pos_slice=...)` slice codebook hook points correctly.
+
+    `HookedCodebookTransformer` does this in its class; any other HookedRootModule gets the
+    same `get_caching_hooks` as an attribute of the instance when a codebook is attached.
+    """
+    if isinstance(model, HookedCodebookTransformer) or "get_caching_hooks" in model.__dict__:
+        return
+    if not isinstance(model, HookedRootModule):
+        return
+    base = partial(type(model).get_caching_hooks, model)
+
+    def get_caching_hooks(self: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+        return _codebook_caching_hooks(self, base, *args, **kwargs)
+
+    object.__setattr__(model, "get_caching_hooks", types.MethodType(get_caching_hooks, model))
+
+
 def attach_codebook(
     model: torch.nn.Module,
     codebook: Codebook,
@@ -132,6 +209,7 @@ def attach_codebook(
         codebook.to(param.device)
     setattr(parent, attr, codebook)
     model.setup()  # type: ignore[operator]
+    _slice_codebook_hooks_on_their_axis(model)
     return codebook
 
 
@@ -270,6 +348,11 @@ class HookedCodebookTransformer(HookedTransformer):
         from tl_codebook.io import load_codebooks
 
         return load_codebooks(self, path, load_model_weights=load_model_weights)
+
+    def get_caching_hooks(self, *args: Any, **kwargs: Any) -> tuple[dict, list, list]:  # type: ignore[override]
+        """TransformerLens' caching hooks; under `pos_slice`, codebook hook points are sliced on
+        their own position axis (`hook_codes`: Int[batch, pos, n_groups, k])."""
+        return _codebook_caching_hooks(self, super().get_caching_hooks, *args, **kwargs)
 
     # -- generation ----------------------------------------------------------------------------
 
