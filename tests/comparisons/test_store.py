@@ -141,7 +141,7 @@ def test_a_corrupted_shard_of_the_right_size_is_refused_when_read(store) -> None
 
 
 def test_bad_arguments_name_the_value(model, token_set, store, tmp_path) -> None:
-    with pytest.raises(ValueError, match="dtype 'bfloat16'; valid choices are float32"):
+    with pytest.raises(ValueError, match="store dtype=.bfloat16. is not one of float32"):
         ActivationStore.build(model, token_set, [RESID], tmp_path / "b", dtype="bfloat16")
     with pytest.raises(ValueError, match="no hook point named 'blocks.0.hook_resid_pots'"):
         ActivationStore.build(model, token_set, ["blocks.0.hook_resid_pots"], tmp_path / "c")
@@ -153,3 +153,29 @@ def test_bad_arguments_name_the_value(model, token_set, store, tmp_path) -> None
         ActivationStore.build(model, token_set, [RESID], tmp_path / "d", overwrite=True)
     manifest = json.loads((store.path / MANIFEST).read_text())
     assert manifest["format"] == "tl_codebook.activation_store" and manifest["n_tokens"] == 147
+
+
+def test_a_build_that_fails_half_way_leaves_the_previous_store_whole(store, model) -> None:
+    """The store is built under a temporary name and swapped in whole (no half-written store)."""
+    before = store.tokens()
+    calls = []
+
+    def fail_on_the_second_batch(act, hook):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("killed")
+
+    other_tokens = torch.zeros(12, 7, dtype=torch.long)
+    with model.hooks(fwd_hooks=[(RESID, fail_on_the_second_batch)]):
+        with pytest.raises(RuntimeError, match="killed"):
+            ActivationStore.build(
+                model,
+                other_tokens,
+                [RESID],
+                store.path,
+                batch_size=4,
+                overwrite=True,
+                progress=False,
+            )
+    assert torch.equal(ActivationStore.open(store.path).tokens(), before)
+    assert sorted(p.name for p in store.path.parent.iterdir()) == ["store"]  # no leftovers
