@@ -1,7 +1,9 @@
-"""Codebooks compared with other interpretability methods: sparse autoencoders (SAELens), circuits.
+"""Codebooks compared with sparse autoencoders (SAELens) on one shared activation store.
 
 Importing this package registers the SAELens architecture "codebook" (see `saelens`). The
-side-by-side comparison (`store`, `methods`, `metrics`, `compare`, `report`) loads on first use.
+side-by-side comparison (`store`, `methods`, `metrics`, `compare`, `report`) loads on first use;
+it takes a `tl_codebook.tasks.Task` for concept labels and steering and imports no task itself.
+A comparison with circuit-discovery methods is not written yet.
 """
 
 from typing import Any
