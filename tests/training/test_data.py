@@ -97,10 +97,8 @@ def test_text_dataset_is_tokenized_and_batched(char_tokenizer):
     batch = next(stream)
     assert batch.dtype == torch.long
     assert batch.tolist() == expected[:2]
-    assert stream.batches_consumed == 1
     assert next(stream).tolist() == expected[2:]
     assert list(stream) == []
-    assert stream.batches_consumed == 2
 
 
 @pytest.mark.parametrize("column", ["tokens", "input_ids"])
@@ -159,46 +157,23 @@ def test_token_stream_with_fixed_length_rows_is_used_as_is():
         next(token_batches([[1, 2]], batch_size=1, seq_len=4, pack=False))
 
 
-def test_resuming_with_skip_batches_continues_at_the_same_position(char_tokenizer):
+def test_a_fresh_stream_gives_the_same_batches_again(char_tokenizer):
+    # what a resumed run relies on: it skips the batches its checkpoint consumed
     texts = [ALPHABET[i : i + 1 + i % 5] for i in range(20)]
     dataset = datasets.Dataset.from_dict({"text": texts})
-    full = token_batches(dataset, batch_size=2, seq_len=5, tokenizer=char_tokenizer)
-    first_three = [next(full) for _ in range(3)]
-    rest = list(full)
-    assert len(rest) >= 2
-    resumed = token_batches(
-        dataset,
-        batch_size=2,
-        seq_len=5,
-        tokenizer=char_tokenizer,
-        skip_batches=full.batches_consumed - len(rest),
-    )
-    assert resumed.batches_consumed == 0
-    resumed_batches = list(resumed)
-    assert resumed.batches_consumed == full.batches_consumed
-    assert all(torch.equal(a, b) for a, b in zip(resumed_batches, rest, strict=True))
-    assert not any(torch.equal(a, b) for a in first_three for b in rest)
+    first = list(token_batches(dataset, batch_size=2, seq_len=5, tokenizer=char_tokenizer))
+    again = list(token_batches(dataset, batch_size=2, seq_len=5, tokenizer=char_tokenizer))
+    assert len(first) >= 3
+    assert all(torch.equal(a, b) for a, b in zip(first, again, strict=True))
 
 
-def test_repeat_starts_the_source_again_and_skips_across_epochs():
+def test_repeat_starts_the_source_again():
     data = [[1, 2, 3, 4, 5, 6]]
     stream = token_batches(data, batch_size=2, seq_len=2, prepend_bos=False, repeat=True)
     batches = [next(stream).tolist() for _ in range(4)]
     assert batches == [[[1, 2], [3, 4]], [[5, 6], [1, 2]], [[3, 4], [5, 6]], [[1, 2], [3, 4]]]
-    resumed = token_batches(
-        data, batch_size=2, seq_len=2, prepend_bos=False, repeat=True, skip_batches=3
-    )
-    assert next(resumed).tolist() == batches[3]
     with pytest.raises(ValueError, match="repeat=True needs a source that can be iterated"):
         token_batches(iter(data), batch_size=1, seq_len=2, prepend_bos=False, repeat=True)
-
-
-def test_skipping_past_the_end_raises():
-    stream = token_batches(
-        [[1, 2, 3, 4]], batch_size=1, seq_len=2, prepend_bos=False, skip_batches=5
-    )
-    with pytest.raises(ValueError, match="skip_batches=5 but .* holds only 2 batches of 1"):
-        next(stream)
 
 
 def test_dataset_without_text_column_lists_its_columns(char_tokenizer):
@@ -225,7 +200,6 @@ def test_dataset_empty_after_dropping_empty_documents_raises(char_tokenizer):
     [
         ({"seq_len": 0}, "seq_len must be >= 1, got 0"),
         ({"batch_size": 0}, "batch_size must be >= 1, got 0"),
-        ({"skip_batches": -1}, "skip_batches must be >= 0, got -1"),
         ({"prepend_bos": True}, "prepend_bos=True needs a BOS token"),
     ],
 )
@@ -248,3 +222,21 @@ def test_hub_names_go_to_load_dataset_streaming(monkeypatch):
     )
     assert next(stream).tolist() == [[1, 2]]
     assert calls == [("someone/corpus", "en", "validation", True)]
+
+
+@pytest.mark.parametrize(("bad", "where"), [(20, "batch 1"), (-1, "batch 1")])
+def test_token_ids_outside_the_vocabulary_name_the_id(bad, where):
+    stream = token_batches([[1, 2], [3, bad]], 1, 2, prepend_bos=False, vocab_size=11)
+    assert next(stream).tolist() == [[1, 2]]
+    with pytest.raises(ValueError, match=rf"token id {bad} in {where} .* vocabulary \[0, 11\)"):
+        next(stream)
+    with pytest.raises(ValueError, match=r"BOS token id 11 is outside the model's vocabulary"):
+        token_batches([[1, 2]], 1, 2, bos_token_id=11, vocab_size=11)
+
+
+@pytest.mark.parametrize(("text", "message"), [("", "is empty"), ("\n", "holds no records")])
+def test_empty_jsonl_file_is_a_clear_error(tmp_path, text, message):
+    path = tmp_path / "data.jsonl"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=f"file '.*data.jsonl' {message}"):
+        next(token_batches(path, 1, 2, prepend_bos=False))

@@ -1,7 +1,8 @@
 """Token batches for training, from HF datasets (hub, local files, in memory) or token streams.
 
 Documents are tokenized, joined and cut into fixed-length rows the way TransformerLens'
-`tokenize_and_concatenate` does it; a count of batches is all a resumed run needs to continue.
+`tokenize_and_concatenate` does it. The stream is deterministic, so a resumed run continues by
+skipping the batches its checkpoint consumed (the trainer does that, for any iterable).
 """
 
 import os
@@ -65,32 +66,26 @@ def _packed_rows(
 
 
 class TokenBatchStream:
-    """An iterator of `Int[Tensor, "batch seq_len"]` batches that counts what it consumed.
-
-    `batches_consumed` counts skipped and yielded batches; save it with a checkpoint and pass it
-    as `skip_batches` to `token_batches` on resume to continue at exactly the same data. A
-    partial batch at the end of the data is dropped.
-    """
+    """An iterator of `Int[Tensor, "batch seq_len"]` batches; a partial batch at the end of the
+    data is dropped. Deterministic: iterating a fresh stream gives the same batches again."""
 
     def __init__(
         self,
         make_rows: Callable[[], Iterator[Tensor]],
         batch_size: int,
         seq_len: int,
-        skip_batches: int,
         repeat: bool,
         description: str,
         vocab_size: int | None = None,
     ):
         self.batch_size = batch_size
         self.seq_len = seq_len
-        self.batches_consumed = 0
         self.repeat = repeat
         self._make_rows = make_rows
         self.description = description
         self.vocab_size = vocab_size
-        self._skip_batches = skip_batches
         self._rows: Iterator[Tensor] | None = None
+        self._yielded = 0
 
     def __iter__(self) -> "TokenBatchStream":
         return self
@@ -98,28 +93,21 @@ class TokenBatchStream:
     def __next__(self) -> Int[Tensor, "batch seq_len"]:
         if self._rows is None:
             self._rows = self._all_rows()
-            for _ in range(self._skip_batches):
-                if len(self._take_rows()) < self.batch_size:
-                    raise ValueError(
-                        f"skip_batches={self._skip_batches} but {self.description} "
-                        f"holds only {self.batches_consumed} batches of {self.batch_size}"
-                    )
-                self.batches_consumed += 1
         rows = self._take_rows()
         if len(rows) < self.batch_size:
-            if self.batches_consumed == 0:
+            if self._yielded == 0:
                 raise ValueError(
                     f"{self.description} does not fill one batch of {self.batch_size} rows "
                     f"of {self.seq_len} tokens (got {len(rows)} rows after dropping empty "
                     f"documents)"
                 )
             raise StopIteration
-        self.batches_consumed += 1
         batch = torch.stack(rows)
         if self.vocab_size is not None:
             _check_vocabulary(
-                batch, self.vocab_size, f"batch {self.batches_consumed - 1} of {self.description}"
+                batch, self.vocab_size, f"batch {self._yielded} of {self.description}"
             )
+        self._yielded += 1
         return batch
 
     def _take_rows(self) -> list[Tensor]:
@@ -156,7 +144,6 @@ def token_batches(
     bos_token_id: int | None = None,
     separator_token_id: int | None = None,
     pack: bool = True,
-    skip_batches: int = 0,
     repeat: bool = False,
     vocab_size: int | None = None,
 ) -> TokenBatchStream:
@@ -171,8 +158,7 @@ def token_batches(
 
     With `pack` (the default) sequences are joined and cut as in `pack_token_sequences`, with
     BOS and separator ids defaulting to the tokenizer's BOS and EOS. With `pack=False` every
-    sequence must already be a row of `seq_len` tokens, used as is. `skip_batches` skips that
-    many batches first (see `TokenBatchStream.batches_consumed`); `repeat` starts the source
+    sequence must already be a row of `seq_len` tokens, used as is. `repeat` starts the source
     again at its end (not possible for a one-shot iterator). Empty documents are dropped.
     With `vocab_size` (the model's `d_vocab`) every token id, BOS and separator included, must
     lie in `[0, vocab_size)`: an id outside would index past the embedding, or (negative)
@@ -182,8 +168,6 @@ def token_batches(
         raise ValueError(f"seq_len must be >= 1, got {seq_len}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    if skip_batches < 0:
-        raise ValueError(f"skip_batches must be >= 0, got {skip_batches}")
     if tokenizer is not None:
         bos_token_id = tokenizer.bos_token_id if bos_token_id is None else bos_token_id
         separator_token_id = (
@@ -211,9 +195,7 @@ def token_batches(
             )
         return _exact_rows(documents, seq_len)
 
-    return TokenBatchStream(
-        make_rows, batch_size, seq_len, skip_batches, repeat, description, vocab_size
-    )
+    return TokenBatchStream(make_rows, batch_size, seq_len, repeat, description, vocab_size)
 
 
 def _document_source(
@@ -255,7 +237,7 @@ def _document_source(
 
     if isinstance(source, (datasets.Dataset, datasets.IterableDataset)):
         dataset = source
-        column, is_text = _pick_column(dataset, tokenizer, text_column)
+        column, is_text = _pick_column(dataset, tokenizer, text_column, description)
         return lambda: _dataset_documents(dataset, column, is_text, tokenizer), description
 
     if not isinstance(source, Iterable):
@@ -268,13 +250,15 @@ def _document_source(
     return lambda: _iterable_documents(source), description
 
 
-def _pick_column(dataset: Any, tokenizer: Any, text_column: str) -> tuple[str, bool]:
+def _pick_column(
+    dataset: Any, tokenizer: Any, text_column: str, description: str
+) -> tuple[str, bool]:
     columns = dataset.column_names
     if columns is None:  # a streaming dataset with unknown features: look at one example
         first = next(iter(dataset.take(1)), None)
-        if first is None:
-            raise ValueError("the dataset is empty")
-        columns = list(first)
+        columns = [] if first is None else list(first)
+    if not columns:
+        raise ValueError(f"{description} holds no records.")
     if tokenizer is not None and text_column in columns:
         return text_column, True
     for column in TOKEN_COLUMNS:

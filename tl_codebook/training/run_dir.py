@@ -13,7 +13,7 @@ import hashlib
 import os
 import shutil
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -87,15 +87,19 @@ def _remove(path: Path) -> None:
 
 
 def _fingerprint(batch: Any) -> str:
-    """A SHA-256 of a token batch's shape and values (as int64): the data's identity."""
-    tokens = torch.as_tensor(batch).detach().to("cpu", torch.int64).contiguous()
-    digest = hashlib.sha256(str(tuple(tokens.shape)).encode())
-    digest.update(tokens.numpy().tobytes())
+    """A SHA-256 of a batch: token ids or activation rows (shape, dtype and values), or a
+    mapping of names to such tensors (sorted by name)."""
+    digest = hashlib.sha256()
+    items = sorted(batch.items()) if isinstance(batch, Mapping) else [("", batch)]
+    for name, value in items:
+        tensor = torch.as_tensor(value).detach().cpu().contiguous()
+        digest.update(f"{name}|{tuple(tensor.shape)}|{tensor.dtype}|".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
 
 
 class DataIdentity:
-    """Which data a run trains on: the caller's `data_id` (the CLI passes the dataset's name or
+    """Which data a run trains on (token batches or activation rows): the caller's `data_id` (the CLI passes the dataset's name or
     path, split, column and, for local files, size and modification time) and a fingerprint of
     the first batch. Saved in every checkpoint; `expect` + `watch` refuse a resume on other
     data, which would otherwise continue silently on batches the run never saw.
