@@ -89,6 +89,14 @@ class CodebookConfig:
         return dataclass_from_dict(cls, data)
 
 
+STATS_DTYPES = {
+    "code_hits": torch.long,
+    "tokens_seen": torch.long,
+    "squared_error_sum": torch.float64,
+}
+"""The statistics buffers and the dtypes they keep whatever the module is cast to."""
+
+
 class Codebook(HookPoint):
     """k-sparse, discrete bottleneck: each input vector becomes the mean of its k best codes.
 
@@ -119,12 +127,16 @@ class Codebook(HookPoint):
         self.hook_codebook_out = HookPoint()
         self.register_buffer(
             "code_hits",
-            torch.zeros(cfg.n_groups, cfg.num_codes, dtype=torch.long),
+            torch.zeros(cfg.n_groups, cfg.num_codes, dtype=STATS_DTYPES["code_hits"]),
             persistent=False,
         )
-        self.register_buffer("tokens_seen", torch.zeros((), dtype=torch.long), persistent=False)
         self.register_buffer(
-            "squared_error_sum", torch.zeros((), dtype=torch.float64), persistent=False
+            "tokens_seen", torch.zeros((), dtype=STATS_DTYPES["tokens_seen"]), persistent=False
+        )
+        self.register_buffer(
+            "squared_error_sum",
+            torch.zeros((), dtype=STATS_DTYPES["squared_error_sum"]),
+            persistent=False,
         )
         self.enabled = True
         self.track_stats = True
@@ -164,11 +176,12 @@ class Codebook(HookPoint):
             raise ValueError(
                 f"Code ids must have shape [..., n_groups={self.cfg.n_groups}, k], got {tuple(ids.shape)}."
             )
-        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.cfg.num_codes):
-            raise ValueError(
-                f"Code ids must lie in [0, {self.cfg.num_codes}); got values from {int(ids.min())} "
-                f"to {int(ids.max())}."
-            )
+        if ids.numel():
+            low, high = torch.stack(torch.aminmax(ids)).tolist()  # one host sync
+            if low < 0 or high >= self.cfg.num_codes:
+                raise ValueError(
+                    f"Code ids must lie in [0, {self.cfg.num_codes}); got values from {low} to {high}."
+                )
 
     # -- the public three -------------------------------------------------------------------
 
@@ -199,7 +212,8 @@ class Codebook(HookPoint):
             rows, self.codes, self.cfg.k, self.cfg.similarity, self.cfg.chunk_size, self.ablated
         )
         ids = self.hook_codes(ids.view(*lead, self.cfg.n_groups, self.cfg.k))
-        self.check_ids(ids)
+        if self.hook_codes.fwd_hooks:  # only a hook can have changed them; checking syncs on GPU
+            self.check_ids(ids)
         flat_ids = ids.reshape(rows.shape[0], self.cfg.n_groups, ids.shape[-1])
         terms = self.snap_gradient_terms
         out = snap_output(
@@ -229,9 +243,21 @@ class Codebook(HookPoint):
         hits = torch.bincount((ids + offsets).flatten(), minlength=groups * num_codes)
         self.code_hits += hits.view(groups, num_codes)
         self.tokens_seen += rows.shape[0]
-        self.squared_error_sum += (
-            torch.sub(quantized.detach(), rows.detach()).pow_(2).sum().double()
+        # in float64 from the start: a half-precision sum of squares overflows
+        error = torch.linalg.vector_norm(
+            torch.sub(quantized.detach(), rows.detach()), dtype=torch.float64
         )
+        self.squared_error_sum += error.square()
+
+    def _apply(self, fn: Any, recurse: bool = True) -> Codebook:
+        """`.to()`, `.half()`, `.cuda()`, ...: the statistics move device but keep their dtypes
+        (a float64 error sum turned fp16 overflows; hit counts stay integers)."""
+        stats = {name: getattr(self, name) for name in STATS_DTYPES}
+        super()._apply(fn, recurse)
+        for name, before in stats.items():
+            moved = getattr(self, name)
+            setattr(self, name, before.to(device=moved.device, dtype=STATS_DTYPES[name]))
+        return self
 
     def reset_stats(self) -> None:
         self.code_hits.zero_()

@@ -31,8 +31,25 @@ def check_similarity(similarity: str) -> str:
     return similarity
 
 
-def l2norm(t: Tensor, eps: float = 1e-12) -> Tensor:
-    return t / t.norm(dim=-1, keepdim=True).clamp_min(eps)
+def norm_floor(dtype: torch.dtype) -> float:
+    """The smallest norm we divide by: 1e-12, or the dtype's smallest normal number where 1e-12
+    is not representable (fp16: 1e-12 rounds to 0, and 0/0 = NaN would win every top-k).
+
+    A zero vector divided by it stays zero, so a zero-norm code scores 0 in every dtype.
+    """
+    return max(1e-12, torch.finfo(dtype).tiny)
+
+
+def _norms(t: Tensor) -> Tensor:
+    """Norms over the last axis computed in fp32 (or wider): a half-precision sum of squares
+    overflows at |t| ~ 256 (fp16). Returned in t's dtype, floored at `norm_floor`."""
+    wide = torch.promote_types(t.dtype, torch.float32)
+    norms = torch.linalg.vector_norm(t, dim=-1, keepdim=True, dtype=wide)
+    return norms.clamp_min(norm_floor(t.dtype)).to(t.dtype)
+
+
+def l2norm(t: Tensor) -> Tensor:
+    return t / _norms(t)
 
 
 def code_scores(
@@ -45,12 +62,14 @@ def code_scores(
     inner_product: x . c/|c|; cosine: x/|x| . c/|c|; euclidean: -|x - c|.
     """
     check_similarity(similarity)
-    if similarity == "euclidean":
-        return -torch.cdist(x.transpose(0, 1), codes.to(x.dtype)).transpose(0, 1)
+    if similarity == "euclidean":  # cdist has no half-precision kernel on CPU: widen, then back
+        wide = torch.promote_types(x.dtype, torch.float32)
+        dist = torch.cdist(x.transpose(0, 1).to(wide), codes.to(wide)).transpose(0, 1)
+        return -dist.to(x.dtype)
     keys = l2norm(codes.to(x.dtype))
     scores = torch.einsum("ngd,gcd->ngc", x, keys)
     if similarity == "cosine":
-        scores = scores / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        scores = scores / _norms(x)
     return scores
 
 
@@ -69,7 +88,7 @@ def _ranking_keys(
     codes = codes.detach().to(dtype)
     if similarity == "euclidean":
         return codes, -0.5 * (codes * codes).sum(-1), None
-    return codes, None, codes.norm(dim=-1).clamp_min(1e-12).reciprocal()
+    return codes, None, _norms(codes).squeeze(-1).reciprocal()
 
 
 def select_codes(
