@@ -1,9 +1,13 @@
-"""The training loop: codebooks alone on a frozen model, or jointly with the model (the paper's
-method), resumable from atomic checkpoints and data-parallel under torchrun.
+"""The training loop: codebooks alone (on a frozen model, or on cached activations), or jointly
+with the model (the paper's method), resumable from atomic checkpoints and data-parallel under
+torchrun.
 
-Reads top to bottom: `train_codebooks` builds a `Trainer`, which places the codebooks, checks
-every input, initialises, then loops `step()`. Each trick (k-means init, dead-code replacement,
-checkpoints, distributed collectives) is a small function from a module of its own.
+Reads top to bottom: `train_codebooks` (token batches through a model) and
+`train_codebooks_on_activations` (activation batches, no model) build one `Trainer`, which places
+the codebooks, checks every input, initialises, then loops `step()`. The two differ only in their
+inputs (`TokenInputs`, `ActivationInputs`): where rows come from and how the loss is read. Each
+trick (initialisation, dead-code replacement, checkpoints, collectives) is a small function from a
+module of its own.
 """
 
 from __future__ import annotations
@@ -11,7 +15,7 @@ from __future__ import annotations
 import itertools
 import math
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,12 +23,14 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from jaxtyping import Float
+from torch import Tensor, nn
 from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
 from tl_codebook.codebook import Codebook
 from tl_codebook.hooks.model import attach_codebook, codebooks_disabled, codebooks_of
+from tl_codebook.snap import gather_mean
 from tl_codebook.training.checkpoint import (
     ensure_writable,
     load_latest_checkpoint,
@@ -34,20 +40,23 @@ from tl_codebook.training.checkpoint import (
     rng_state_to_checkpoint,
     save_checkpoint,
 )
+from tl_codebook.training.codebook_init import initialise_codebook, kept_positions, site_seed
 from tl_codebook.training.config import TrainConfig
 from tl_codebook.training.dead_codes import replace_dead_codes, reset_optimizer_rows
 from tl_codebook.training.distributed import (
     DistInfo,
     all_reduce_sum,
     broadcast_from_main,
+    ddp_device_kwargs,
     init_distributed,
     shard_batch,
 )
-from tl_codebook.training.kmeans import kmeans_grouped
 from tl_codebook.training.metrics_log import MetricsLogger
+from tl_codebook.training.run_dir import CHECKPOINT_DIR, DataIdentity, check_resume_has_checkpoint
 from tl_codebook.training.sites import resolve_sites
 
-CHECKPOINT_DIR = "checkpoints"
+DEAD_CODE_SAMPLES = 4096
+"""Recent input rows (at most) that dead codes are re-seeded from, per codebook."""
 
 
 class TrainingDivergedError(RuntimeError):
@@ -61,6 +70,14 @@ class TrainResult:
     history: list[dict[str, float]] = field(default_factory=list)
     out_dir: Path | None = None
     codebooks: dict[str, Codebook] = field(default_factory=dict)
+    tokens: int = 0
+    """Tokens (activation rows, on activations) the training steps consumed, over all ranks and
+    over every resumption of the run; the initialisation's batches are not counted."""
+    seconds: float = 0.0
+    """Wall time of the training steps, summed over every resumption (initialisation apart)."""
+    init_tokens: int = 0
+    """Tokens (rows) the 'activations'/'kmeans' initialisation used (0: random or resumed)."""
+    init_seconds: float = 0.0
 
 
 def train_codebooks(
@@ -68,18 +85,62 @@ def train_codebooks(
     data: Iterable[Tensor],
     config: TrainConfig,
     resume: bool = False,
+    data_id: Any = None,
 ) -> TrainResult:
     """Train codebooks on `model` from token batches `data` (`Int[Tensor, "batch pos"]`).
 
     Codebooks named by `config.sites` are added to the model (sites that already hold a codebook
-    keep it). `resume=True` continues exactly from the latest checkpoint in `config.out_dir`.
-    Under torchrun each rank trains on its slice of every global batch.
+    keep it); with `mode="joint"` and no sites this is plain language-model training.
+    `resume=True` continues exactly from the latest checkpoint in `config.out_dir`. Under
+    torchrun each rank trains on its slice of every global batch. Checkpoints record the data
+    (`data_id`, any JSON value naming it, and a fingerprint of the first batch); a resume on
+    other data is refused.
     """
-    return Trainer(model, data, config).run(resume=resume)
+    return Trainer(model, data, config, data_id=data_id).run(resume=resume)
+
+
+def train_codebooks_on_activations(
+    codebooks: Codebook | Mapping[str, Codebook],
+    batches: Iterable[Float[Tensor, "batch d_in"] | Mapping[str, Tensor]],
+    config: TrainConfig,
+    resume: bool = False,
+) -> TrainResult:
+    """Frozen-mode training of `codebooks` on activations given directly (no model to run).
+
+    The same trainer as `train_codebooks` (optimizer, schedule, initialisation from the first
+    `init_batches` batches, dead-code replacement, checkpoints, metrics), reading activation rows
+    instead of running a forward: each batch is `[rows, d_in]` (or `[rows, n_groups, d_group]`)
+    for a single codebook, or a mapping from codebook name to such rows (all with the same number
+    of rows). `config.mode` must be "frozen"; `sites`, `seq_len`, `kl_coef` and
+    `exclude_token_ids` need a model and are refused or unused: exclude BOS rows before. The loss
+    is `mse_coef` times each codebook's reconstruction MSE (`mse_reduction`).
+    """
+    if config.mode != "frozen":
+        raise ValueError(
+            f"train_codebooks_on_activations trains codebooks alone: TrainConfig.mode must be "
+            f"'frozen', got {config.mode!r} (joint training needs a model: train_codebooks)."
+        )
+    for name in ("sites", "kl_coef", "seq_len"):
+        if getattr(config, name):
+            raise ValueError(
+                f"train_codebooks_on_activations has no model, so TrainConfig.{name} has no "
+                f"meaning; got {getattr(config, name)!r} (leave it at its default)."
+            )
+    if isinstance(codebooks, Codebook):
+        named = {codebooks.cfg.hook_name or "codebook": codebooks}
+    else:
+        named = dict(codebooks)
+    if not named or not all(isinstance(cb, Codebook) for cb in named.values()):
+        raise ValueError(
+            "train_codebooks_on_activations needs a Codebook or a non-empty mapping of name to "
+            f"Codebook, got {codebooks!r:.80}."
+        )
+    return Trainer(CodebookStack(named), batches, config).run(resume=resume)
 
 
 def lr_factor(step: int, config: TrainConfig) -> float:
-    """Learning-rate multiplier at `step`: linear warm-up, then constant, cosine or linear decay.
+    """Learning-rate multiplier at `step`: linear warm-up over `warmup_steps`, then constant, or a
+    cosine or linear decay from 1 at the end of warm-up to `min_lr_fraction` at `steps`.
 
     A pure function of the step, so a resumed run needs no scheduler state beyond the step.
     """
@@ -90,51 +151,417 @@ def lr_factor(step: int, config: TrainConfig) -> float:
     span = max(1, config.steps - config.warmup_steps)
     progress = min(1.0, (step - config.warmup_steps) / span)
     if config.schedule == "cosine":
-        return 0.5 * (1.0 + math.cos(math.pi * progress))
-    return 1.0 - progress
+        decay = 0.5 * (1.0 + math.cos(math.pi * progress))
+    else:
+        decay = 1.0 - progress
+    floor = config.min_lr_fraction
+    return floor + (1.0 - floor) * decay
+
+
+def reconstruction_mse(
+    reconstruction: Float[Tensor, "rows ..."], target: Float[Tensor, "rows ..."], reduction: str
+) -> Float[Tensor, ""]:
+    """Squared error in float32, averaged over rows and dimensions ("mean") or summed over the
+    dimensions and averaged over rows ("sum_over_dims", SAELens' MSE)."""
+    squared = (reconstruction.float() - target.float()).pow(2)
+    if reduction == "mean":
+        return squared.mean()
+    return squared.reshape(squared.shape[0], -1).sum(-1).mean()
+
+
+class CodebookStack(nn.Module):
+    """Codebooks trained on activations given directly: the module the trainer (and DDP) runs in
+    place of a model. `forward` snaps each codebook's rows."""
+
+    def __init__(self, codebooks: Mapping[str, Codebook]):
+        super().__init__()
+        self.names = list(codebooks)
+        self.stack = nn.ModuleList(codebooks.values())  # ModuleDict keys cannot hold dots
+
+    @property
+    def codebooks(self) -> dict[str, Codebook]:
+        return dict(zip(self.names, self.stack, strict=True))  # type: ignore[arg-type]
+
+    def forward(self, batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        return {name: cb(batch[name]) for name, cb in zip(self.names, self.stack, strict=True)}
+
+
+# -- what the trainer reads ---------------------------------------------------------------------
+
+
+Rows = dict[str, Tensor]
+"""Each codebook's input rows `[n, n_groups, d_group]`, by codebook name."""
+
+
+class TokenInputs:
+    """Token batches run through `model`: codebooks read its activations at their sites.
+
+    Positions holding an excluded token (BOS by default) are never rows for the initialisation
+    or dead-code replacement.
+    """
+
+    def __init__(self, model: HookedTransformer, config: TrainConfig, device: torch.device):
+        self.model, self.config, self.device = model, config, device
+        if config.seq_len is not None and config.seq_len > model.cfg.n_ctx:
+            raise ValueError(
+                f"seq_len={config.seq_len} is longer than the model's context n_ctx={model.cfg.n_ctx}."
+            )
+        if config.mode == "joint" and not any(True for _ in model.parameters()):
+            raise ValueError("Joint mode needs a model with parameters.")
+        self.exclude_token_ids = self._exclusions()
+        wanted = resolve_sites(model, config.sites, config.codebook_defaults(), config.layers)
+        present = codebooks_of(model)
+        for name, cb_cfg in wanted.items():
+            if name in present:
+                continue
+            codebook = Codebook(cb_cfg)
+            initialise_codebook(codebook, None, "random", seed=site_seed(config.seed, name))
+            attach_codebook(model, codebook.to(device), name)
+        self.codebooks = codebooks_of(model)
+        self.frozen_names: list[str] = []
+
+    def _exclusions(self) -> list[int]:
+        ids = self.config.exclude_token_ids
+        if ids is None:
+            bos = getattr(getattr(self.model, "tokenizer", None), "bos_token_id", None)
+            return [] if bos is None else [int(bos)]
+        d_vocab = self.model.cfg.d_vocab
+        outside = [i for i in ids if i >= d_vocab]
+        if outside:
+            raise ValueError(
+                f"TrainConfig.exclude_token_ids {outside} lie outside the model's vocabulary "
+                f"[0, {d_vocab})."
+            )
+        return list(ids)
+
+    @property
+    def module(self) -> nn.Module:
+        return self.model
+
+    def begin(self, is_codebook: Callable[[str], bool]) -> None:
+        """Frozen mode: only codebooks keep `requires_grad` (restored by `end`)."""
+        if self.config.mode == "frozen":
+            for n, p in self.model.named_parameters():
+                if not is_codebook(n) and p.requires_grad:
+                    p.requires_grad_(False)
+                    self.frozen_names.append(n)
+
+    def end(self) -> None:
+        params = dict(self.model.named_parameters())
+        for n in self.frozen_names:
+            params[n].requires_grad_(True)
+        self.frozen_names = []
+        self.model.eval()
+        if self.config.mode == "joint":
+            self.model.fine_tuned = True  # type: ignore[assignment]
+
+    def prepare(self, batch: Any) -> Tensor:
+        tokens = torch.as_tensor(batch)
+        if tokens.ndim != 2 or tokens.dtype not in (torch.long, torch.int32, torch.int64):
+            raise ValueError(
+                f"Expected token batches Int[Tensor, 'batch pos'], got dtype {tokens.dtype} shape {tuple(tokens.shape)}."
+            )
+        if tokens.numel() == 0:
+            raise ValueError(f"A token batch of shape {tuple(tokens.shape)} holds no tokens.")
+        seq_len = self.config.seq_len
+        if seq_len is not None:
+            if tokens.shape[1] < seq_len:
+                raise ValueError(
+                    f"Batch of {tokens.shape[1]} tokens per row is shorter than seq_len={seq_len}."
+                )
+            tokens = tokens[:, :seq_len]
+        if tokens.shape[1] > self.model.cfg.n_ctx:
+            raise ValueError(
+                f"Sequences of {tokens.shape[1]} tokens are longer than the model's n_ctx={self.model.cfg.n_ctx}."
+            )
+        return tokens.long().to(self.device)
+
+    def shard(self, tokens: Tensor, dist: DistInfo) -> Tensor:
+        return shard_batch(tokens, dist)
+
+    def count(self, tokens: Tensor) -> int:
+        return tokens.numel()
+
+    def _rows(self, name: str, act: Tensor, tokens: Tensor) -> Tensor:
+        """`act` at codebook `name` as rows, without the excluded positions."""
+        cb = self.codebooks[name]
+        rows = act.detach().reshape(-1, cb.cfg.n_groups, cb.cfg.d_group)
+        if not self.exclude_token_ids:
+            return rows
+        if rows.shape[0] != tokens.numel():
+            raise ValueError(
+                f"Cannot exclude tokens at {name!r}: its activation {tuple(act.shape)} has no "
+                f"row per position of the batch {tuple(tokens.shape)}; set exclude_token_ids=[]."
+            )
+        return rows[kept_positions(tokens, self.exclude_token_ids).flatten()]
+
+    def init_rows(self, batches: list[Tensor]) -> Rows:
+        """The base model's activations at every codebook (all codebooks bypassed)."""
+        rows: dict[str, list[Tensor]] = {name: [] for name in self.codebooks}
+        current: list[Tensor] = []
+
+        def keep(act: Tensor, hook: Any) -> None:
+            rows[hook.name].append(self._rows(hook.name, act, current[0]))
+
+        hooks: list[tuple[str | Callable[..., Any], Callable[..., Any]]] = [
+            (name, keep) for name in self.codebooks
+        ]
+        with torch.no_grad(), codebooks_disabled(self.model), self.model.hooks(fwd_hooks=hooks):
+            for tokens in batches:
+                current[:] = [tokens]
+                self.model(tokens, stop_at_layer=self._stop_layer())
+        return {name: torch.cat(parts) for name, parts in rows.items()}
+
+    def loss(
+        self, module: nn.Module, tokens: Tensor, keep_rows: bool
+    ) -> tuple[Tensor, dict[str, Tensor], Rows | None]:
+        if self.config.mode == "frozen":
+            return self._frozen_loss(module, tokens, keep_rows)
+        return self._joint_loss(module, tokens, keep_rows)
+
+    def _joint_loss(
+        self, module: nn.Module, tokens: Tensor, keep_rows: bool
+    ) -> tuple[Tensor, dict[str, Tensor], Rows | None]:
+        """The language-model loss with the codebooks in place (the paper's joint training)."""
+        seen: Rows = {}
+
+        def keep(act: Tensor, hook: Any) -> None:
+            site = hook.name.rpartition(".")[0]
+            seen[site] = self._rows(site, act, tokens)
+
+        hooks: list[tuple[str | Callable[..., Any], Callable[..., Any]]] = [
+            (f"{name}.hook_codebook_in", keep) for name in self.codebooks
+        ]
+        with self.model.hooks(fwd_hooks=hooks) if keep_rows else nullcontext():
+            loss = module(tokens, return_type="loss")
+        return loss, {"lm_loss": loss.detach()}, seen if keep_rows else None
+
+    def _frozen_loss(
+        self, module: nn.Module, tokens: Tensor, keep_rows: bool
+    ) -> tuple[Tensor, dict[str, Tensor], Rows | None]:
+        """Each codebook's reconstruction MSE (+ KL to the base model): only codes learn.
+
+        The MSE is taken on the codes gathered at the chosen ids, not on the straight-through
+        output, so a codebook learns only from its own reconstruction: the straight-through
+        path (through the frozen network into earlier codebooks) carries the KL alone.
+        """
+        cfg, model = self.config, self.model
+        seen: dict[str, dict[str, Tensor]] = {name: {} for name in self.codebooks}
+
+        def keep(act: Tensor, hook: Any) -> None:
+            site, _, which = hook.name.rpartition(".")
+            seen[site][which] = act
+
+        def cut(act: Tensor, hook: Any) -> Tensor:
+            return act.detach()  # without KL nothing downstream learns: keep no graph for it
+
+        hooks: list[tuple[str | Callable[..., Any], Callable[..., Any]]] = []
+        for name in self.codebooks:
+            hooks += [(f"{name}.hook_codebook_in", keep), (f"{name}.hook_codes", keep)]
+            if not cfg.kl_coef:
+                hooks.append((f"{name}.hook_codebook_out", cut))
+        base_logits = None
+        if cfg.kl_coef:
+            with torch.no_grad(), codebooks_disabled(model):
+                base_logits = model(tokens)
+        for cb in self.codebooks.values():
+            cb.snap_gradient_terms = False  # the explicit MSE below replaces the built-in term
+        try:
+            with model.hooks(fwd_hooks=hooks):
+                if base_logits is not None:
+                    logits = module(tokens)
+                else:  # no KL: the forward can stop after the last codebook's block
+                    logits = None
+                    module(tokens, stop_at_layer=self._stop_layer())
+        finally:
+            for cb in self.codebooks.values():
+                cb.snap_gradient_terms = True
+        parts: dict[str, Tensor] = {}
+        loss = torch.zeros((), device=self.device)
+        for name, cb in self.codebooks.items():
+            x, ids = seen[name]["hook_codebook_in"], seen[name]["hook_codes"]
+            rows = x.detach().reshape(-1, cb.cfg.n_groups, cb.cfg.d_group)
+            flat_ids = ids.reshape(rows.shape[0], cb.cfg.n_groups, ids.shape[-1])
+            gathered = gather_mean(flat_ids, cb.codes.to(rows.dtype))
+            mse = reconstruction_mse(gathered, rows, cfg.mse_reduction)
+            parts[f"mse/{name}"] = mse.detach()
+            loss = loss + cfg.mse_coef * mse
+        if base_logits is not None and logits is not None:
+            kl = F.kl_div(
+                F.log_softmax(logits.float(), -1).flatten(0, -2),
+                F.log_softmax(base_logits.float(), -1).flatten(0, -2),
+                log_target=True,
+                reduction="batchmean",
+            )
+            parts["kl"] = kl.detach()
+            loss = loss + cfg.kl_coef * kl
+        recent = None
+        if keep_rows:
+            recent = {n: self._rows(n, s["hook_codebook_in"], tokens) for n, s in seen.items()}
+        return loss, parts, recent
+
+    def _stop_layer(self) -> int | None:
+        """One past the last block holding a codebook (None: a site after the blocks)."""
+        layers = []
+        for name in self.codebooks:
+            head, _, rest = name.partition(".")
+            if head != "blocks":
+                return None
+            layers.append(int(rest.split(".", 1)[0]))
+        if not layers:
+            return None
+        last = max(layers) + 1
+        return None if last >= self.model.cfg.n_layers else last
+
+    def state_tensors(self, skip: set[str]) -> dict[str, Tensor]:
+        """The model's weights (joint mode: they train too), without the codebooks' codes."""
+        if self.config.mode != "joint":
+            return {}
+        return {f"model.{k}": v for k, v in self.model.state_dict().items() if k not in skip}
+
+    def load_state_tensors(self, tensors: Mapping[str, Tensor]) -> None:
+        if self.config.mode != "joint":
+            return
+        prefix = "model."
+        state = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+        self.model.load_state_dict(state, strict=False)
+
+
+class ActivationInputs:
+    """Activation batches given directly: each codebook reads its own rows (no model)."""
+
+    def __init__(self, stack: CodebookStack, config: TrainConfig, device: torch.device):
+        self.stack, self.config, self.device = stack, config, device
+        self.codebooks = stack.codebooks
+
+    @property
+    def module(self) -> nn.Module:
+        return self.stack
+
+    def begin(self, is_codebook: Callable[[str], bool]) -> None:
+        pass
+
+    def end(self) -> None:
+        self.stack.eval()
+
+    def prepare(self, batch: Any) -> Rows:
+        names = list(self.codebooks)
+        if isinstance(batch, Mapping):
+            if set(batch) != set(names):
+                raise ValueError(
+                    f"Activation batches must map every codebook name to its rows: got keys "
+                    f"{sorted(batch)}, the codebooks are {names}."
+                )
+            named = dict(batch)
+        elif len(names) == 1:
+            named = {names[0]: batch}
+        else:
+            raise ValueError(
+                f"With {len(names)} codebooks each activation batch must be a mapping of name to "
+                f"rows (codebooks: {names}), got a {type(batch).__name__}."
+            )
+        rows: Rows = {}
+        for name, value in named.items():
+            cfg = self.codebooks[name].cfg
+            x = torch.as_tensor(value)
+            shapes = (torch.Size([cfg.d_in]), torch.Size([cfg.n_groups, cfg.d_group]))
+            if not x.is_floating_point() or x.ndim < 2 or x.shape[1:] not in shapes:
+                raise ValueError(
+                    f"Activation rows for {name!r} must be Float[Tensor, 'rows {cfg.d_in}'] (or "
+                    f"'rows {cfg.n_groups} {cfg.d_group}'), got dtype {x.dtype} shape "
+                    f"{tuple(x.shape)}."
+                )
+            rows[name] = x.detach().to(self.device).reshape(-1, cfg.n_groups, cfg.d_group)
+        sizes = {x.shape[0] for x in rows.values()}
+        if len(sizes) != 1 or 0 in sizes:
+            raise ValueError(
+                "Every codebook's activation rows in a batch must be the same number (> 0) of "
+                f"rows, got {[(n, x.shape[0]) for n, x in rows.items()]}."
+            )
+        return rows
+
+    def shard(self, rows: Rows, dist: DistInfo) -> Rows:
+        return {name: shard_batch(x, dist) for name, x in rows.items()}
+
+    def count(self, rows: Rows) -> int:
+        return next(iter(rows.values())).shape[0]
+
+    def init_rows(self, batches: list[Rows]) -> Rows:
+        return {name: torch.cat([b[name] for b in batches]) for name in self.codebooks}
+
+    def loss(
+        self, module: nn.Module, rows: Rows, keep_rows: bool
+    ) -> tuple[Tensor, dict[str, Tensor], Rows | None]:
+        cfg = self.config
+        for cb in self.codebooks.values():
+            cb.snap_gradient_terms = False
+        try:
+            out = module(rows)  # the input needs no gradient: the codes get the MSE's alone
+        finally:
+            for cb in self.codebooks.values():
+                cb.snap_gradient_terms = True
+        parts: dict[str, Tensor] = {}
+        loss = torch.zeros((), device=self.device)
+        for name, x in rows.items():
+            mse = reconstruction_mse(out[name], x, cfg.mse_reduction)
+            parts[f"mse/{name}"] = mse.detach()
+            loss = loss + cfg.mse_coef * mse
+        return loss, parts, rows if keep_rows else None
+
+    def state_tensors(self, skip: set[str]) -> dict[str, Tensor]:
+        return {}
+
+    def load_state_tensors(self, tensors: Mapping[str, Tensor]) -> None:
+        pass
+
+
+# -- the trainer --------------------------------------------------------------------------------
 
 
 class Trainer:
-    def __init__(self, model: HookedTransformer, data: Iterable[Tensor], config: TrainConfig):
+    def __init__(
+        self,
+        model: HookedTransformer | CodebookStack,
+        data: Iterable[Any],
+        config: TrainConfig,
+        data_id: Any = None,
+    ):
         self.model, self.data, self.config = model, data, config
-        self.device = next(model.parameters()).device
+        self.data_identity = DataIdentity(data_id)
+        self.device = _device_of(model)
         self.dist: DistInfo = init_distributed(self.device)
-        self._check_inputs()
+        self.inputs: TokenInputs | ActivationInputs = (
+            ActivationInputs(model, config, self.device)
+            if isinstance(model, CodebookStack)
+            else TokenInputs(model, config, self.device)
+        )
+        self.codebooks = self.inputs.codebooks
+        if config.mode == "frozen" and not self.codebooks:
+            raise ValueError("Frozen mode trains only codebooks: give at least one site.")
         self.out_dir = Path(config.out_dir) if config.out_dir else None
-        if self.out_dir is not None:
+        if self.out_dir is not None and self.dist.is_main:  # other ranks write nothing
             ensure_writable(self.out_dir)
-        for name, cb_cfg in self._new_sites().items():
-            attach_codebook(model, Codebook(cb_cfg).to(self.device), name)
-        self.codebooks = codebooks_of(model)
         self._codebook_param_names = {f"{site}.codes" for site in self.codebooks}
-        self.base_requires_grad = {
-            n: p.requires_grad for n, p in model.named_parameters() if not self._is_codebook(n)
-        }
         self.optimizer = self._make_optimizer()
         self.step_index = 0
         self.data_position = 0
-        self.hits_window = {n: torch.zeros_like(cb.code_hits) for n, cb in self.codebooks.items()}
+        # Code usage, counted once per step from the codebooks' own statistics (which are reset
+        # every step): hits since the last dead-code replacement, and everything since the last
+        # log. Checkpointed, so a resumed run replaces and logs exactly as an uninterrupted one.
+        self.window_hits = {n: torch.zeros_like(cb.code_hits) for n, cb in self.codebooks.items()}
+        self.log_hits = {n: torch.zeros_like(cb.code_hits) for n, cb in self.codebooks.items()}
+        self.log_squared_error = {
+            n: torch.zeros((), dtype=torch.float64, device=cb.code_hits.device)
+            for n, cb in self.codebooks.items()
+        }
+        self.log_tokens = {n: torch.zeros_like(cb.tokens_seen) for n, cb in self.codebooks.items()}
         self.history: list[dict[str, float]] = []
         self.codes_replaced = 0
         """Dead codes re-initialised so far in this run (logged as codes_replaced)."""
+        self.tokens_trained = 0
+        self.seconds_trained = 0.0
 
     # -- set-up ----------------------------------------------------------------------------------
-
-    def _check_inputs(self) -> None:
-        cfg, model = self.config, self.model
-        if cfg.seq_len is not None and cfg.seq_len > model.cfg.n_ctx:
-            raise ValueError(
-                f"seq_len={cfg.seq_len} is longer than the model's context n_ctx={model.cfg.n_ctx}."
-            )
-        if cfg.mode == "joint" and not any(True for _ in model.parameters()):
-            raise ValueError("Joint mode needs a model with parameters.")
-
-    def _new_sites(self) -> dict[str, Any]:
-        wanted = resolve_sites(
-            self.model, self.config.sites, self.config.codebook_defaults(), self.config.layers
-        )
-        present = codebooks_of(self.model)
-        return {name: c for name, c in wanted.items() if name not in present}
 
     def _is_codebook(self, param_name: str) -> bool:
         return param_name in self._codebook_param_names
@@ -172,47 +599,45 @@ class Trainer:
     # -- the run ---------------------------------------------------------------------------------
 
     def run(self, resume: bool = False) -> TrainResult:
-        cfg, model = self.config, self.model
+        cfg = self.config
         torch.manual_seed(cfg.seed)
-        if cfg.mode == "frozen":
-            for n, p in model.named_parameters():
-                if not self._is_codebook(n):
-                    p.requires_grad_(False)
-        resumed = resume and self._resume()
-        if resume and not resumed and self.dist.is_main:
-            print(f"No checkpoint in {self.out_dir}; starting from step 0.")
-        batches = self._batches()
-        if not resumed:
-            self._initialise_codebooks(batches)
-        ddp = self._wrap_ddp()
-        logger = (
-            MetricsLogger(self.out_dir, resume_step=self.step_index if resumed else None)
-            if self.out_dir is not None and self.dist.is_main
-            else None
-        )
-        wandb_run = self._start_wandb()
-        bar = tqdm(
-            total=cfg.steps,
-            initial=self.step_index,
-            desc=f"train ({cfg.mode})",
-            disable=not (cfg.progress and self.dist.is_main),
-            dynamic_ncols=True,
-        )
+        self.inputs.begin(self._is_codebook)
         loss_value = float("nan")
-        tokens_done, started = 0, time.perf_counter()
+        logger = wandb_run = bar = None
         try:
-            model.train()
+            resumed = resume and self._resume()
+            if resume and not resumed and self.dist.is_main and self.out_dir is not None:
+                check_resume_has_checkpoint(self.out_dir)  # results but no checkpoint: refuse
+                print(f"No checkpoint in {self.out_dir}; starting from step 0.")
+            batches = self._batches()
+            init_tokens, init_seconds = (0, 0.0) if resumed else self._initialise_codebooks(batches)
+            ddp = self._wrap_ddp()
+            if self.out_dir is not None and self.dist.is_main:
+                logger = MetricsLogger(
+                    self.out_dir, resume_step=self.step_index if resumed else None
+                )
+            wandb_run = self._start_wandb()
+            bar = tqdm(
+                total=cfg.steps,
+                initial=self.step_index,
+                desc=f"train ({cfg.mode})",
+                disable=not (cfg.progress and self.dist.is_main),
+                dynamic_ncols=True,
+            )
+            self.inputs.module.train()
+            log_tokens, log_started = 0, time.perf_counter()
             while self.step_index < cfg.steps:
-                tokens = shard_batch(next(batches), self.dist)  # this rank's slice
-                loss_value, parts = self.step(ddp, tokens)
-                tokens_done += tokens.numel()
-                self.step_index += 1
-                if cfg.dead_code_every and self.step_index % cfg.dead_code_every == 0:
-                    self.codes_replaced += self._replace_dead_codes(tokens)
+                started = time.perf_counter()
+                batch = next(batches)
+                tokens = self.inputs.count(batch) * self.dist.world_size
+                loss_value, parts = self.step(ddp, self.inputs.shard(batch, self.dist))
+                self.tokens_trained += tokens
+                log_tokens += tokens
+                self.seconds_trained += time.perf_counter() - started
                 if self.step_index % cfg.log_every == 0 or self.step_index == cfg.steps:
-                    record = self._log_record(
-                        loss_value, parts, tokens_done / (time.perf_counter() - started)
-                    )
+                    speed = log_tokens / max(time.perf_counter() - log_started, 1e-9)
+                    record = self._log_record(loss_value, parts, speed)
+                    log_tokens, log_started = 0, time.perf_counter()
                     self.history.append(record)
                     if logger is not None:
                         logger.log(self.step_index, record)
@@ -221,7 +646,7 @@ class Trainer:
                     bar.set_postfix(
                         loss=f"{loss_value:.4f}",
                         dead=f"{record.get('dead_fraction', 0.0):.1%}",
-                        tok_s=f"{record['tokens_per_second']:.0f}",
+                        tok_s=f"{speed:.0f}",
                     )
                 if cfg.checkpoint_every and self.step_index % cfg.checkpoint_every == 0:
                     self._save_checkpoint()
@@ -229,68 +654,51 @@ class Trainer:
             if cfg.checkpoint_every and self.step_index % cfg.checkpoint_every:
                 self._save_checkpoint()
         finally:
-            bar.close()
+            if bar is not None:
+                bar.close()
             if logger is not None:
                 logger.close()
             if wandb_run is not None:
                 wandb_run.finish()
-            for n, p in model.named_parameters():
-                if n in self.base_requires_grad:
-                    p.requires_grad_(self.base_requires_grad[n])
-            model.eval()
-        if cfg.mode == "joint":
-            model.fine_tuned = True  # type: ignore[assignment]
+            self.inputs.end()
         return TrainResult(
             steps=self.step_index,
             final_loss=loss_value,
             history=self.history,
             out_dir=self.out_dir,
             codebooks=dict(self.codebooks),
+            tokens=self.tokens_trained,
+            seconds=self.seconds_trained,
+            init_tokens=init_tokens,
+            init_seconds=init_seconds,
         )
 
-    def _batches(self) -> Iterator[Tensor]:
+    def _batches(self) -> Iterator[Any]:
         """The data stream, positioned after the batches already consumed (for resumption)."""
-        iterator = iter(self.data)
+        iterator = self.data_identity.watch(self.data)
         skipped = sum(1 for _ in itertools.islice(iterator, self.data_position))
         if skipped < self.data_position:
             raise ValueError(
                 f"The data has only {skipped} batches, but the checkpoint consumed {self.data_position}."
             )
 
-        def stream() -> Iterator[Tensor]:
+        def stream() -> Iterator[Any]:
             for batch in iterator:
                 self.data_position += 1
-                yield self._prepare(batch)
+                yield self.inputs.prepare(batch)
             raise ValueError(f"The data ran out after {self.data_position} batches.")
 
         return stream()
 
-    def _prepare(self, batch: Any) -> Tensor:
-        tokens = torch.as_tensor(batch)
-        if tokens.ndim != 2 or tokens.dtype not in (torch.long, torch.int32, torch.int64):
-            raise ValueError(
-                f"Expected token batches Int[Tensor, 'batch pos'], got dtype {tokens.dtype} shape {tuple(tokens.shape)}."
-            )
-        seq_len = self.config.seq_len
-        if seq_len is not None:
-            if tokens.shape[1] < seq_len:
-                raise ValueError(
-                    f"Batch of {tokens.shape[1]} tokens per row is shorter than seq_len={seq_len}."
-                )
-            tokens = tokens[:, :seq_len]
-        if tokens.shape[1] > self.model.cfg.n_ctx:
-            raise ValueError(
-                f"Sequences of {tokens.shape[1]} tokens are longer than the model's n_ctx={self.model.cfg.n_ctx}."
-            )
-        return tokens.long().to(self.device)
-
-    def _wrap_ddp(self) -> torch.nn.Module:
+    def _wrap_ddp(self) -> nn.Module:
         if not self.dist.enabled:
-            return self.model
+            return self.inputs.module
         from torch.nn.parallel import DistributedDataParallel
 
         # Code-usage buffers are per-rank counts (summed explicitly), not state to broadcast.
-        return DistributedDataParallel(self.model, broadcast_buffers=False)
+        return DistributedDataParallel(
+            self.inputs.module, broadcast_buffers=False, **ddp_device_kwargs(self.device)
+        )
 
     def _autocast(self):  # noqa: ANN202
         if self.device.type == "cuda" and self.config.bf16_autocast:
@@ -299,20 +707,22 @@ class Trainer:
 
     # -- one step --------------------------------------------------------------------------------
 
-    def step(self, ddp: torch.nn.Module, tokens: Tensor) -> tuple[float, dict[str, float]]:
+    def step(self, ddp: nn.Module, batch: Any) -> tuple[float, dict[str, Tensor]]:
+        """One optimizer step on this rank's `batch`, then dead-code replacement when it is due.
+
+        Returns the loss and its parts (tensors, read only at log steps).
+        """
         cfg = self.config
         for group in self.optimizer.param_groups:
             group["lr"] = group["base_lr"] * lr_factor(self.step_index, cfg)
+        replace_due = bool(cfg.dead_code_every) and (self.step_index + 1) % cfg.dead_code_every == 0
         with self._autocast():
-            loss, parts = (
-                self._frozen_loss(ddp, tokens)
-                if cfg.mode == "frozen"
-                else self._joint_loss(ddp, tokens)
-            )
-        if not torch.isfinite(loss):
+            loss, parts, recent = self.inputs.loss(ddp, batch, keep_rows=replace_due)
+        loss_value = loss.item()
+        if not math.isfinite(loss_value):
             path = self._save_checkpoint(diagnostic=True)
             raise TrainingDivergedError(
-                f"Loss became {loss.item()} at step {self.step_index}; diagnostic checkpoint saved at {path}."
+                f"Loss became {loss_value} at step {self.step_index}; diagnostic checkpoint saved at {path}."
             )
         loss.backward()
         if cfg.grad_clip is not None:
@@ -321,108 +731,31 @@ class Trainer:
             )
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        self._count_usage()
+        self.step_index += 1
+        if recent is not None:
+            self.codes_replaced += self._replace_dead_codes(recent)
+        return loss_value, parts
+
+    def _count_usage(self) -> None:
+        """Move this step's code statistics into the trainer's windows (each hit counted once)."""
         for name, cb in self.codebooks.items():
-            self.hits_window[name] += cb.code_hits
-        return loss.item(), parts
-
-    def _joint_loss(self, ddp: torch.nn.Module, tokens: Tensor) -> tuple[Tensor, dict[str, float]]:
-        loss = ddp(tokens, return_type="loss")
-        return loss, {"lm_loss": loss.item()}
-
-    def _frozen_loss(self, ddp: torch.nn.Module, tokens: Tensor) -> tuple[Tensor, dict[str, float]]:
-        """Reconstruction MSE at every codebook (+ KL to the base model): only codes learn."""
-        cfg, model = self.config, self.model
-        seen: dict[str, dict[str, Tensor]] = {name: {} for name in self.codebooks}
-
-        def keep(act: Tensor, hook: Any) -> None:
-            site, _, which = hook.name.rpartition(".")
-            seen[site][which] = act
-
-        hooks: list[tuple[str | Callable[..., Any], Callable[..., Any]]] = [
-            (f"{name}.{which}", keep)
-            for name in self.codebooks
-            for which in ("hook_codebook_in", "hook_codebook_out")
-        ]
-        base_logits = None
-        if cfg.kl_coef:
-            with torch.no_grad(), codebooks_disabled(model):
-                base_logits = model(tokens)
-        for cb in self.codebooks.values():
-            cb.snap_gradient_terms = False  # the explicit MSE below replaces the built-in term
-        try:
-            with model.hooks(fwd_hooks=hooks):
-                if base_logits is not None:
-                    logits = ddp(tokens)
-                else:  # no KL: the forward can stop after the last codebook's block
-                    logits = None
-                    ddp(tokens, stop_at_layer=self._stop_layer())
-        finally:
-            for cb in self.codebooks.values():
-                cb.snap_gradient_terms = True
-        parts: dict[str, float] = {}
-        loss = torch.zeros((), device=self.device)
-        for name, acts in seen.items():
-            mse = (
-                (acts["hook_codebook_out"].float() - acts["hook_codebook_in"].detach().float())
-                .pow(2)
-                .mean()
-            )
-            parts[f"mse/{name}"] = mse.item()
-            loss = loss + cfg.mse_coef * mse
-        if base_logits is not None and logits is not None:
-            kl = F.kl_div(
-                F.log_softmax(logits.float(), -1).flatten(0, -2),
-                F.log_softmax(base_logits.float(), -1).flatten(0, -2),
-                log_target=True,
-                reduction="batchmean",
-            )
-            parts["kl"] = kl.item()
-            loss = loss + cfg.kl_coef * kl
-        return loss, parts
-
-    def _stop_layer(self) -> int | None:
-        """One past the last block holding a codebook (None: a site after the blocks)."""
-        layers = []
-        for name in self.codebooks:
-            head, _, rest = name.partition(".")
-            if head != "blocks":
-                return None
-            layers.append(int(rest.split(".", 1)[0]))
-        last = max(layers) + 1
-        return None if last >= self.model.cfg.n_layers else last
+            self.window_hits[name] += cb.code_hits
+            self.log_hits[name] += cb.code_hits
+            self.log_squared_error[name] += cb.squared_error_sum
+            self.log_tokens[name] += cb.tokens_seen
+            cb.reset_stats()
 
     # -- codebook hygiene ------------------------------------------------------------------------
 
-    def _collect_inputs(self, batches: list[Tensor], bypass: bool) -> dict[str, Tensor]:
-        """Each codebook's input rows `[n, n_groups, d_group]` on `batches`.
-
-        `bypass=True` reads the base model's activations (codebooks disabled: the site's own hook
-        then sees the unsnapped input); otherwise the inputs with all codebooks in place.
-        """
-        rows: dict[str, list[Tensor]] = {name: [] for name in self.codebooks}
-
-        def keep(act: Tensor, hook: Any) -> None:
-            site = hook.name if bypass else hook.name.rpartition(".")[0]
-            cb = self.codebooks[site]
-            rows[site].append(act.detach().reshape(-1, cb.cfg.n_groups, cb.cfg.d_group))
-
-        suffix = "" if bypass else ".hook_codebook_in"
-        hooks: list[tuple[str | Callable[..., Any], Callable[..., Any]]] = [
-            (f"{name}{suffix}", keep) for name in self.codebooks
-        ]
-        bypassed = codebooks_disabled(self.model) if bypass else nullcontext()
-        with torch.no_grad(), bypassed, self.model.hooks(fwd_hooks=hooks):
-            for tokens in batches:
-                self.model(tokens, stop_at_layer=self._stop_layer())
-        return {name: torch.cat(parts) for name, parts in rows.items()}
-
-    def _initialise_codebooks(self, batches: Iterator[Tensor]) -> None:
+    def _initialise_codebooks(self, batches: Iterator[Any]) -> tuple[int, float]:
+        """'activations'/'kmeans' init from the first `init_batches` batches: (rows, seconds)."""
         cfg = self.config
         if cfg.codebook_init == "random" or not self.codebooks:
-            return
+            return 0, 0.0
+        started = time.perf_counter()
         sample = [next(batches) for _ in range(cfg.init_batches)]
-        inputs = self._collect_inputs(sample, bypass=True)
-        generator = torch.Generator().manual_seed(cfg.seed)
+        inputs = self.inputs.init_rows(sample)
         for name, cb in tqdm(
             self.codebooks.items(),
             desc=f"init codebooks ({cfg.codebook_init})",
@@ -432,65 +765,69 @@ class Trainer:
             if rows.shape[0] < cb.cfg.num_codes:
                 raise ValueError(
                     f"{cfg.codebook_init} init of {name!r} needs at least num_codes={cb.cfg.num_codes} "
-                    f"input rows, but {cfg.init_batches} batches gave {rows.shape[0]}; raise init_batches."
+                    f"input rows, but {cfg.init_batches} batches gave {rows.shape[0]} (excluded "
+                    "tokens not counted); raise init_batches."
                 )
-            with torch.no_grad():
-                if cfg.codebook_init == "kmeans":
-                    cb.codes.copy_(
-                        kmeans_grouped(
-                            rows, cb.cfg.num_codes, n_iters=cfg.kmeans_iters, seed=cfg.seed
-                        )
-                    )
-                else:
-                    cb.init_from_activations(rows, generator=generator)
-                broadcast_from_main(cb.codes.data, self.dist)
+            initialise_codebook(
+                cb,
+                rows,
+                cfg.codebook_init,
+                seed=site_seed(cfg.seed, name),
+                kmeans_iters=cfg.kmeans_iters,
+            )
+            broadcast_from_main(cb.codes.data, self.dist)
             cb.reset_stats()
+        used = sum(self.inputs.count(b) for b in sample) * self.dist.world_size
+        return used, time.perf_counter() - started
 
-    def _replace_dead_codes(self, tokens: Tensor) -> int:
-        """Re-seed codes unused since the last replacement at recent inputs (same on every rank)."""
-        inputs = self._collect_inputs([tokens], bypass=False)
+    def _replace_dead_codes(self, recent: Rows) -> int:
+        """Re-seed codes unused since the last replacement at this step's inputs (same on every
+        rank: the counts are summed and rank 0's codes are broadcast)."""
         replaced = 0
         generator = torch.Generator().manual_seed(self.config.seed * 1_000_003 + self.step_index)
         for name, cb in self.codebooks.items():
-            hits = all_reduce_sum(self.hits_window[name].clone(), self.dist)
+            hits = all_reduce_sum(self.window_hits[name].clone(), self.dist)
             dead = hits == 0
-            if bool(dead.any()):
-                rows = inputs[name][
-                    torch.randperm(inputs[name].shape[0], generator=generator)[:4096]
-                ]
+            rows = recent[name]
+            if bool(dead.any()) and rows.shape[0]:
+                order = torch.randperm(rows.shape[0], generator=generator)[:DEAD_CODE_SAMPLES]
                 replaced += int(
                     replace_dead_codes(
                         cb.codes.data,
                         hits,
-                        rows.cpu().to(cb.codes.device),
+                        rows[order.to(rows.device)].to(cb.codes.device),
                         self.config.dead_code_noise,
                         generator,
                     ).sum()
                 )
                 broadcast_from_main(cb.codes.data, self.dist)
                 reset_optimizer_rows(self.optimizer, cb.codes, dead)
-            self.hits_window[name].zero_()
+            self.window_hits[name].zero_()
         return replaced
 
     # -- logging ---------------------------------------------------------------------------------
 
     def _log_record(
-        self, loss: float, parts: dict[str, float], tokens_per_second: float
+        self, loss: float, parts: dict[str, Tensor], tokens_per_second: float
     ) -> dict[str, float]:
-        record: dict[str, float] = {"loss": loss, **parts, "tokens_per_second": tokens_per_second}
+        record: dict[str, float] = {"loss": loss}
+        record.update({k: float(v) for k, v in parts.items()})
+        record["tokens_per_second"] = tokens_per_second
         record["lr"] = self.optimizer.param_groups[0]["lr"]
         if self.config.dead_code_every:
             record["codes_replaced"] = float(self.codes_replaced)
         dead, total = 0, 0
         for name, cb in self.codebooks.items():
-            hits = all_reduce_sum(cb.code_hits.clone(), self.dist)
-            sq = all_reduce_sum(cb.squared_error_sum.clone(), self.dist)
-            seen = all_reduce_sum(cb.tokens_seen.clone(), self.dist)
+            hits = all_reduce_sum(self.log_hits[name].clone(), self.dist)
+            sq = all_reduce_sum(self.log_squared_error[name].clone(), self.dist)
+            seen = all_reduce_sum(self.log_tokens[name].clone(), self.dist)
             dead += int((hits == 0).sum())
             total += hits.numel()
             record[f"dead_fraction/{name}"] = float((hits == 0).float().mean())
             record[f"codebook_mse/{name}"] = float(sq) / max(1, int(seen) * cb.cfg.d_in)
-            cb.reset_stats()
+            self.log_hits[name].zero_()
+            self.log_squared_error[name].zero_()
+            self.log_tokens[name].zero_()
         if total:
             record["dead_fraction"] = dead / total
         return record
@@ -508,14 +845,13 @@ class Trainer:
 
     # -- checkpoints -----------------------------------------------------------------------------
 
+    _COUNTERS = ("window_hits", "log_hits", "log_squared_error", "log_tokens")
+
     def _state_tensors(self) -> dict[str, Tensor]:
         tensors = {f"codebook.{n}.codes": cb.codes.detach() for n, cb in self.codebooks.items()}
-        tensors.update({f"hits_window.{n}": h for n, h in self.hits_window.items()})
-        if self.config.mode == "joint":
-            skip = {f"{n}.codes" for n in self.codebooks}
-            tensors.update(
-                {f"model.{k}": v for k, v in self.model.state_dict().items() if k not in skip}
-            )
+        for counter in self._COUNTERS:
+            tensors.update({f"{counter}.{n}": t for n, t in getattr(self, counter).items()})
+        tensors.update(self.inputs.state_tensors(skip=self._codebook_param_names))
         return tensors
 
     def _save_checkpoint(self, diagnostic: bool = False) -> Path | None:
@@ -528,6 +864,10 @@ class Trainer:
             "config": self.config.to_dict(),
             "step": self.step_index,
             "data_position": self.data_position,
+            "data": self.data_identity.to_state(),
+            "codes_replaced": self.codes_replaced,
+            "tokens_trained": self.tokens_trained,
+            "seconds_trained": self.seconds_trained,
             "optimizer": optim_state,
             "rng": rng_state,
             "codebooks": {n: cb.cfg.to_dict() for n, cb in self.codebooks.items()},
@@ -548,24 +888,63 @@ class Trainer:
         if checkpoint is None:
             return False
         state, tensors = checkpoint.state, checkpoint.tensors
-        differing = self.config.differences(state["config"])
-        if differing:
-            detail = "; ".join(
-                f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in differing.items()
+        self._check_resumable(state)
+        wanted = [f"codebook.{n}.codes" for n in self.codebooks] + [
+            f"{counter}.{n}" for counter in self._COUNTERS for n in self.codebooks
+        ]
+        missing = [key for key in wanted if key not in tensors] + [
+            key
+            for key in ("codes_replaced", "tokens_trained", "seconds_trained")
+            if key not in state
+        ]
+        if missing:
+            raise ValueError(
+                f"Cannot resume from {self.out_dir}: its checkpoint lacks {', '.join(missing[:4])} "
+                "(written by another version of tl_codebook, or for other codebooks)."
             )
-            raise ValueError(f"Cannot resume from {self.out_dir}: the config differs ({detail}).")
         with torch.no_grad():
             for name, cb in self.codebooks.items():
                 cb.codes.copy_(tensors[f"codebook.{name}.codes"])
-                self.hits_window[name].copy_(tensors[f"hits_window.{name}"])
-            if self.config.mode == "joint":
-                prefix = "model."
-                model_state = {
-                    k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)
-                }
-                self.model.load_state_dict(model_state, strict=False)
+                cb.reset_stats()
+                for counter in self._COUNTERS:
+                    getattr(self, counter)[name].copy_(tensors[f"{counter}.{name}"])
+            self.inputs.load_state_tensors(tensors)
         self.optimizer.load_state_dict(optimizer_state_from_checkpoint(tensors, state["optimizer"]))
         restore_rng_state(tensors, state["rng"])
         self.step_index = int(state["step"])
         self.data_position = int(state["data_position"])
+        self.codes_replaced = int(state["codes_replaced"])
+        self.tokens_trained = int(state["tokens_trained"])
+        self.seconds_trained = float(state["seconds_trained"])
         return True
+
+    def _check_resumable(self, state: Mapping[str, Any]) -> None:
+        """Refuse a checkpoint whose run computed something else than this config would."""
+        where = f"Cannot resume from {self.out_dir}"
+        saved = state["config"]
+        differing = self.config.differences(saved)
+        if differing:
+            detail = "; ".join(
+                f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in differing.items()
+            )
+            raise ValueError(f"{where}: the config differs ({detail}).")
+        self.data_identity.expect(state.get("data"))
+        step, steps = int(state["step"]), self.config.steps
+        if steps < step:
+            raise ValueError(
+                f"{where}: steps={steps} is below the checkpoint's step {step} "
+                f"(give steps >= {step})."
+            )
+        if steps != saved.get("steps") and self.config.schedule != "constant":
+            raise ValueError(
+                f"{where}: steps={steps} differs from the checkpoint's steps={saved.get('steps')}, "
+                f"and the {self.config.schedule!r} schedule decays over steps, so the result "
+                f"would differ (resume with steps={saved.get('steps')}; only the constant "
+                "schedule can be extended)."
+            )
+
+
+def _device_of(module: nn.Module) -> torch.device:
+    for p in module.parameters():
+        return p.device
+    return torch.device("cpu")
