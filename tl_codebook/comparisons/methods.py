@@ -4,9 +4,11 @@ A method is anything with `encode(x) -> [..., d_sae]` and `decode(acts) -> [...,
 `train_method(spec, store, config)` trains one kind of method on an `ActivationStore` with the
 matched budget of a `TrainingConfig` (same tokens, same batches, same order for every method):
 
-- `codebook`: our loop over the store, the codebook reconstruction objective (the frozen-mode
-  MSE on cached activations) with SAETrainer's optimiser settings (Adam, constant lr, gradient
-  norm clipped at 1), codes initialised by k-means (or real activations, or N(0, 1)).
+- `codebook`: the package's one trainer on the store's activations
+  (`training.train_codebooks_on_activations`: the frozen-mode reconstruction objective) with
+  SAETrainer's settings (Adam, constant lr, gradient norm clipped at 1, SAELens' MSE summed over
+  dimensions), codes set by the one initialisation (`training.codebook_init`: k-means, real
+  activations, or N(0, 1)) on a sample drawn apart from the training stream.
 - `codebook_saelens`: the same codebook, same initial codes, trained by SAELens' `SAETrainer`
   through the registered "codebook" architecture, so the two trainings can be compared.
 - `topk`, `batchtopk`, `standard`, `jumprelu`: SAELens SAEs trained by `SAETrainer`.
@@ -18,11 +20,11 @@ encode/decode and `d_in`/`d_sae`) so that the same metrics code serves all of th
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 import tempfile
 import time
 from collections.abc import Iterator
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,11 +37,10 @@ from tqdm.auto import tqdm
 from tl_codebook.codebook import Codebook, CodebookConfig
 from tl_codebook.comparisons.store import ActivationStore
 from tl_codebook.configs import check_choice, dataclass_from_dict, did_you_mean
-from tl_codebook.files import check_safe_name
+from tl_codebook.files import atomic_directory, check_safe_name
 from tl_codebook.hooks.interventions import insert_codes
 from tl_codebook.snap import check_similarity
 from tl_codebook.training.config import CODEBOOK_INITS
-from tl_codebook.training.kmeans import kmeans_grouped
 
 METHOD_KINDS: dict[str, str] = {
     "codebook": "codebook (k codes, mean), trained by our loop on the store",
@@ -444,43 +445,70 @@ def _training_batches(
     )
 
 
-def initial_codes(
-    spec: MethodSpec, store: ActivationStore, config: TrainingConfig
-) -> tuple[Tensor, int]:
-    """(codes `[n_groups, num_codes, d_group]`, tokens sampled) for a codebook spec.
+def _codebook_site(config: TrainingConfig) -> str:
+    """The name the trainer knows the comparison's codebook by (its seed derives from it)."""
+    return config.hook_name
 
-    The sample is drawn with its own seed, apart from the training stream, and is the same for
-    `codebook` and `codebook_saelens`, so both start from the very same codes.
-    """
-    spec = spec.resolved(config)
-    assert spec.d_sae is not None
-    d_in, n_groups = store.d_in(config.hook_name), spec.n_groups
-    if d_in % n_groups or spec.d_sae % n_groups:
-        raise ValueError(
-            f"{spec.name}: n_groups={n_groups} must divide d_in={d_in} and d_sae={spec.d_sae}."
+
+def _new_codebook(spec: MethodSpec, d_in: int, config: TrainingConfig) -> Codebook:
+    assert spec.d_sae is not None and spec.k is not None
+    return Codebook(
+        CodebookConfig(
+            d_in=d_in,
+            num_codes=spec.d_sae // spec.n_groups,
+            k=spec.k,
+            similarity=spec.similarity,
+            n_groups=spec.n_groups,
+            hook_name=config.hook_name,
         )
-    num_codes = spec.d_sae // n_groups
-    generator = torch.Generator().manual_seed(config.seed + 1)
+    ).to(torch.device(config.device))
+
+
+def _init_sample(
+    spec: MethodSpec, store: ActivationStore, config: TrainingConfig
+) -> Float[Tensor, "n d_in"] | None:
+    """The activations the data-driven inits read: drawn with their own seed, apart from the
+    training stream, the same for `codebook` and `codebook_saelens` (None for "random")."""
     if spec.codebook_init == "random":
-        return torch.randn(n_groups, num_codes, d_in // n_groups, generator=generator), 0
+        return None
+    assert spec.d_sae is not None
+    num_codes = spec.d_sae // spec.n_groups
     sample = store.sample(
         config.hook_name,
         max(config.init_tokens, num_codes),
         seed=config.seed + 1,
         exclude_token_ids=config.exclude_token_ids,
     )
-    rows = sample.view(sample.shape[0], n_groups, d_in // n_groups)
-    if rows.shape[0] < num_codes:
+    if sample.shape[0] < num_codes:
         raise ValueError(
             f"{spec.name}: {spec.codebook_init} init needs at least {num_codes} tokens, the store "
-            f"has {rows.shape[0]} usable ones."
+            f"has {sample.shape[0]} usable ones."
         )
-    if spec.codebook_init == "kmeans":
-        codes = kmeans_grouped(rows, num_codes, n_iters=config.kmeans_iters, seed=config.seed)
-    else:
-        idx = torch.randperm(rows.shape[0], generator=generator)[:num_codes]
-        codes = rows[idx].transpose(0, 1).contiguous()
-    return codes, rows.shape[0]
+    return sample.to(torch.device(config.device))
+
+
+def initial_codebook(
+    spec: MethodSpec, store: ActivationStore, config: TrainingConfig
+) -> tuple[Codebook, int]:
+    """(a codebook for `spec` with the codes the trainer starts `codebook` from, tokens read).
+
+    The one initialisation (`training.codebook_init.initialise_codebook`) with the trainer's own
+    seed for the site, on `_init_sample`'s activations: `codebook_saelens` starts from exactly
+    the codes our trainer starts `codebook` from.
+    """
+    from tl_codebook.training.codebook_init import initialise_codebook, site_seed
+
+    spec = spec.resolved(config, store.d_in(config.hook_name))
+    codebook = _new_codebook(spec, store.d_in(config.hook_name), config)
+    sample = _init_sample(spec, store, config)
+    initialise_codebook(
+        codebook,
+        sample,
+        spec.codebook_init,
+        seed=site_seed(config.seed, _codebook_site(config)),
+        kmeans_iters=config.kmeans_iters,
+    )
+    return codebook, 0 if sample is None else sample.shape[0]
 
 
 def train_method(
@@ -492,15 +520,17 @@ def train_method(
     """Train one method on `store` with the matched budget of `config`; save it to `save_dir`.
 
     Codebooks are saved as a `Codebook` (cfg.json + codebook.safetensors), SAELens methods as
-    SAELens inference SAEs (cfg.json + sae_weights.safetensors, `SAE.load_from_disk`).
+    SAELens inference SAEs (cfg.json + sae_weights.safetensors, `SAE.load_from_disk`); either
+    directory is written under a temporary name and swapped in whole.
     """
-    spec = spec.resolved(config)
     store.check_hook(config.hook_name)
+    spec = spec.resolved(config, store.d_in(config.hook_name))
     if spec.kind == "codebook":
         method = _train_codebook(spec, store, config)
         if save_dir is not None:
             assert method.codebook is not None
-            method.codebook.save(save_dir)
+            with atomic_directory(save_dir) as where:
+                method.codebook.save(where)
         return method
     return _train_with_saelens(spec, store, config, save_dir)
 
@@ -508,54 +538,49 @@ def train_method(
 def _train_codebook(
     spec: MethodSpec, store: ActivationStore, config: TrainingConfig
 ) -> TrainedMethod:
-    """The codebook reconstruction objective on cached activations: only the codes learn."""
-    assert spec.d_sae is not None and spec.k is not None and spec.lr is not None
-    assert spec.name is not None
-    device = torch.device(config.device)
+    """The codebook reconstruction objective on the store's activations, trained by the one
+    trainer (`train_codebooks_on_activations`): only the codes learn, with SAETrainer's settings
+    (Adam, constant lr, gradient norm clipped at 1, SAELens' MSE) for a matched comparison."""
+    from tl_codebook.training import TrainConfig, train_codebooks_on_activations
+    from tl_codebook.training.codebook_init import initialise_codebook, site_seed
+
+    assert spec.lr is not None and spec.name is not None
     d_in = store.d_in(config.hook_name)
-    started = time.perf_counter()
-    codes, init_tokens = initial_codes(spec, store, config)
-    cb = Codebook(
-        CodebookConfig(
-            d_in=d_in,
-            num_codes=spec.d_sae // spec.n_groups,
-            k=spec.k,
-            similarity=spec.similarity,
-            n_groups=spec.n_groups,
-            hook_name=config.hook_name,
-        )
-    ).to(device)
-    with torch.no_grad():
-        cb.codes.copy_(codes)
-    init_seconds = time.perf_counter() - started
-    optimizer = torch.optim.Adam([cb.codes], lr=spec.lr, betas=(0.9, 0.999))
-    data = _training_batches(store, config, device)
-    bar = tqdm(
-        total=config.training_tokens,
-        desc=f"train {spec.name}",
-        disable=not config.progress,
-        unit="tok",
-        unit_scale=True,
-        dynamic_ncols=True,
+    codebook = _new_codebook(spec, d_in, config)
+    sample = _init_sample(spec, store, config)
+    seed = site_seed(config.seed, _codebook_site(config))
+    if sample is None:  # the trainer keeps a codebook's codes under "random": seed them here
+        initialise_codebook(codebook, None, "random", seed=seed)
+    steps = math.ceil(config.training_tokens / config.batch_size)
+    batches = _training_batches(store, config, config.device)
+    result = train_codebooks_on_activations(
+        {_codebook_site(config): codebook},
+        itertools.chain([] if sample is None else [sample], batches),
+        TrainConfig(
+            mode="frozen",
+            steps=steps,
+            batch_size=config.batch_size,
+            lr=spec.lr,
+            codebook_weight_decay=0.0,
+            schedule="constant",
+            grad_clip=1.0,
+            mse_reduction="sum_over_dims",
+            codebook_init=spec.codebook_init,
+            init_batches=1,
+            kmeans_iters=config.kmeans_iters,
+            seed=config.seed,
+            log_every=max(1, steps // 10),
+            progress=config.progress,
+        ),
     )
-    started = time.perf_counter()
-    cb.train()
-    for step, x in enumerate(data):
-        out = cb.decode(cb.encode(x))  # differentiable in the codes through the gather
-        loss = (out - x).pow(2).sum(-1).mean()  # SAELens' MSE: sum over dims, mean over tokens
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_([cb.codes], 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        bar.update(x.shape[0])
-        if step % 20 == 0:
-            bar.set_postfix(mse=f"{loss.item():.4g}")
-    seconds = time.perf_counter() - started
-    bar.close()
-    cb.eval()
-    method = as_method(cb, name=spec.name, hook_name=config.hook_name, kind=spec.kind)
-    method.train_tokens, method.train_seconds = data.tokens, seconds
-    method.init_tokens, method.init_seconds, method.spec = init_tokens, init_seconds, spec
+    codebook.eval()
+    method = as_method(codebook, name=spec.name, hook_name=config.hook_name, kind=spec.kind)
+    method.train_tokens, method.train_seconds = result.tokens, result.seconds
+    method.init_tokens, method.init_seconds, method.spec = (
+        result.init_tokens,
+        result.init_seconds,
+        spec,
+    )
     return method
 
 
@@ -656,9 +681,9 @@ def _train_with_saelens(
     sae = _training_sae(spec, d_in, config)
     init_tokens = 0
     if spec.kind == "codebook_saelens":
-        codes, init_tokens = initial_codes(spec, store, config)
+        codebook, init_tokens = initial_codebook(spec, store, config)
         with torch.no_grad():
-            sae.codes.copy_(codes)
+            sae.codes.copy_(codebook.codes)
     init_seconds = time.perf_counter() - started
     steps = math.ceil(config.training_tokens / config.batch_size)
     trainer_cfg = SAETrainerConfig(
@@ -676,9 +701,10 @@ def _train_with_saelens(
     started = time.perf_counter()
     trained = _fit(trainer, spec.name, config.progress)
     seconds = time.perf_counter() - started
-    with tempfile.TemporaryDirectory() if save_dir is None else nullcontext(save_dir) as where:
-        trained.save_inference_model(where)
-        inference = SAE.load_from_disk(str(where), device=config.device)
+    with tempfile.TemporaryDirectory() as scratch:
+        with atomic_directory(save_dir or Path(scratch) / "sae") as where:
+            trained.save_inference_model(where)
+        inference = SAE.load_from_disk(str(save_dir or Path(scratch) / "sae"), device=config.device)
     method = as_method(inference, name=spec.name, hook_name=config.hook_name, kind=spec.kind)
     method.train_tokens, method.train_seconds = data.tokens, seconds
     method.init_tokens, method.init_seconds, method.spec = init_tokens, init_seconds, spec
