@@ -240,3 +240,19 @@ def test_cli_specs_and_a_tiny_end_to_end_run(tmp_path) -> None:
     assert row["mse"] == pytest.approx(error.item(), rel=1e-5)
     assert row["fve"] == row["explained_variance"]
     assert (tmp_path / "base_model" / "model.safetensors").is_file()
+
+
+def test_the_store_names_its_task_and_the_task_excludes_bos(result, tokfsm) -> None:
+    """Without exclude_token_ids the task's exclusions apply (TokFSM: BOS); [] excludes nothing."""
+    res, _ = result
+    model, fsm, train, held_out = tokfsm
+    method = res.methods["codebook-k1"]
+    tokens = held_out.tokens()
+    config = small_config(fsm, exclude_token_ids=None)
+    [row] = run(train, [method], config, model=model, eval_store=held_out).rows
+    assert row["eval_tokens"] == int((tokens != fsm.bos_token).sum()) == 16 * 11
+    assert row["concepts_with_precise_latent"] >= 0  # the task came from the store's metadata
+    [everything] = run(
+        train, [method], small_config(fsm, exclude_token_ids=[]), eval_store=held_out
+    ).rows
+    assert everything["eval_tokens"] == 16 * 12

@@ -20,6 +20,7 @@ store's metadata names under "task"); the comparison never depends on which task
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 import math
@@ -306,6 +307,11 @@ def run(
             f"the training store's {d_in}."
         )
     task = task or task_of(eval_store)
+    if training.exclude_token_ids is None:  # the task's exclusions (BOS), or none
+        training = dataclasses.replace(
+            training, exclude_token_ids=list(task.exclude_token_ids) if task else []
+        )
+        config = dataclasses.replace(config, training=training)
     items = list(config.methods if methods is None else methods)
     if not items:
         raise ValueError("No methods to compare: give at least one.")
@@ -341,7 +347,7 @@ def run(
         if evaluation.max_sequences is not None:
             tokens = tokens[: evaluation.max_sequences]
         baseline = splice_baseline(
-            model, tokens, hook, training.exclude_token_ids, evaluation.batch_sequences
+            model, tokens, hook, training.excluded, evaluation.batch_sequences
         )
     rows, details = [], {}
     for name, method in trained.items():
@@ -351,7 +357,7 @@ def run(
             hook,
             model=model,
             task=task,
-            exclude_token_ids=training.exclude_token_ids,
+            exclude_token_ids=training.excluded,
             config=evaluation,
             baseline=baseline,
         )
@@ -367,7 +373,7 @@ def run(
                 record: dict[str, Any] = {"ours": a.name, "saelens": b.name}
                 record.update(
                     codebook_agreement(
-                        a, b, eval_store, hook, training.exclude_token_ids, evaluation.max_sequences
+                        a, b, eval_store, hook, training.excluded, evaluation.max_sequences
                     )
                 )
                 ra, rb = (

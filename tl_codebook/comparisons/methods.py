@@ -25,7 +25,7 @@ import math
 import tempfile
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -203,8 +203,9 @@ class TrainingConfig:
     """Tokens per step."""
     lr: float = 3e-3
     seed: int = 0
-    exclude_token_ids: list[int] = field(default_factory=list)
-    """Tokens never trained on, evaluated or spliced (e.g. BOS, whose activations are outliers)."""
+    exclude_token_ids: list[int] | None = None
+    """Tokens never trained on, evaluated or spliced (e.g. BOS, whose activations are outliers).
+    None: the task's (`Task.exclude_token_ids`) when the comparison has a task, else none."""
     init_tokens: int = 16384
     """Codebooks: activations sampled (apart from the training stream) for the initial codes."""
     kmeans_iters: int = 25
@@ -221,7 +222,13 @@ class TrainingConfig:
                 raise ValueError(f"TrainingConfig.{name} must be an integer >= 1, got {value!r}.")
         if not (math.isfinite(self.lr) and self.lr > 0):
             raise ValueError(f"TrainingConfig.lr must be finite and > 0, got {self.lr!r}.")
-        self.exclude_token_ids = [int(t) for t in self.exclude_token_ids]
+        if self.exclude_token_ids is not None:
+            self.exclude_token_ids = [int(t) for t in self.exclude_token_ids]
+
+    @property
+    def excluded(self) -> list[int]:
+        """`exclude_token_ids` as a list (None, not yet resolved against a task: nothing)."""
+        return list(self.exclude_token_ids or [])
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -439,7 +446,7 @@ def _training_batches(
             batch_size=config.batch_size,
             n_tokens=config.training_tokens,
             seed=config.seed,
-            exclude_token_ids=config.exclude_token_ids,
+            exclude_token_ids=config.excluded,
         ),
         device,
     )
@@ -477,7 +484,7 @@ def _init_sample(
         config.hook_name,
         max(config.init_tokens, num_codes),
         seed=config.seed + 1,
-        exclude_token_ids=config.exclude_token_ids,
+        exclude_token_ids=config.excluded,
     )
     if sample.shape[0] < num_codes:
         raise ValueError(
