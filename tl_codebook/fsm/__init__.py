@@ -15,8 +15,9 @@ from tl_codebook.fsm.metrics import (
 )
 
 _LAZY = {
-    # the experiment and its report pull in matplotlib, k-means, ...: imported when first used
-    "ExperimentConfig": "tl_codebook.fsm.experiment",
+    # the experiment and its report pull in the trainer, matplotlib, ...: imported when first used
+    "ExperimentConfig": "tl_codebook.fsm.config",
+    "PRESETS": "tl_codebook.fsm.config",
     "run_experiment": "tl_codebook.fsm.experiment",
     "evaluate_interventions": "tl_codebook.fsm.steering",
     "state_code_scores": "tl_codebook.fsm.steering",
@@ -38,6 +39,7 @@ __all__ = [
     "ExperimentConfig",
     "FSM",
     "FSMConfig",
+    "PRESETS",
     "TokFSMDataset",
     "TransitionAccuracy",
     "determined_states",

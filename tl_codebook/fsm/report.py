@@ -1,14 +1,17 @@
 """The TokFSM run report: PNG plots and an `index.html` that explains them, drawn from `metrics.json`.
 
-It reads only the run directory, so it can be redrawn at any time (`write_report(dir)`), and it
-draws whatever the metrics hold: a run killed half-way still gets a readable report.
+It reads only the run directory (metrics.json and the training phases' `metrics.jsonl` logs), so
+it can be redrawn at any time (`write_report(dir)`), and it draws whatever the metrics hold: a run
+killed half-way still gets a readable report. Every file is written atomically.
 """
 
 from __future__ import annotations
 
+import hashlib
 import html
 import json
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -18,14 +21,10 @@ from tl_codebook.analysis.plots import (
     plot_precision_recall_bars,
     plot_training_curves,
 )
+from tl_codebook.files import atomic_write_json, atomic_write_text, json_text
+from tl_codebook.fsm.metrics_file import CONTRACT_KEYS, read_metrics
+from tl_codebook.training.metrics_log import read_metrics as read_training_log
 
-CONTRACT_KEYS = (
-    "base_transition_accuracy",
-    "codebook_transition_accuracy",
-    "states_with_precise_code",
-    "intervention_success",
-    "intervention_success_random_code",
-)
 TARGETS = {
     "base_transition_accuracy": 0.98,
     "codebook_transition_accuracy": 0.95,
@@ -34,49 +33,93 @@ TARGETS = {
 }
 CONDITION_NAMES = {
     "none": "no intervention",
-    "steer": "force s′'s codes",
+    "steer": "force s′'s codes (all codebooks, every digit position)",
     "steer_best_site": "best single codebook",
     "steer_last_position": "last prompt position only",
     "random_code": "random codes",
 }
+"""The steering conditions of `tl_codebook.fsm.steering.evaluate_interventions`, as the report
+names them."""
+PLOT_CACHE = ".report-plots.json"
+"""Digests of each plot's inputs, so an unchanged plot is not drawn again."""
+REFERENCE_NOTE = "reference: 0.975 (paper's k=1 model, N=100/E=10)"
 
 
 def write_report(out_dir: str | Path) -> Path:
     """Draw the plots the metrics allow and (re)write `index.html`; returns its path."""
     out = Path(out_dir)
-    metrics = json.loads((out / "metrics.json").read_text())
+    metrics = read_metrics(out)
     plots = _draw_plots(out, metrics)
-    page = out / "index.html"
-    tmp = page.with_suffix(".html.tmp")
-    tmp.write_text(_html(metrics, plots))
-    tmp.replace(page)
-    return page
+    return atomic_write_text(out / "index.html", _html(metrics, plots))
+
+
+def _training_curves(
+    out: Path, metrics: dict[str, Any]
+) -> dict[str, tuple[list[int], list[float]]]:
+    """phase -> (steps, losses) from each training phase's log (what it has logged so far)."""
+    curves = {}
+    for name, run in metrics.get("training", {}).items():
+        log = out / run["log"] if isinstance(run, dict) and "log" in run else None
+        records = read_training_log(log) if log is not None and log.is_file() else []
+        points = [(r["step"], r["loss"]) for r in records if r.get("loss") is not None]
+        if points:
+            curves[name] = ([s for s, _ in points], [v for _, v in points])
+    return curves
 
 
 # -- plots -------------------------------------------------------------------------------------
 
 
+class _Plots:
+    """Draws each plot into the run directory unless the same plot of the same data is already
+    there (`PLOT_CACHE` keeps a digest of each PNG's inputs): the report is redrawn after every
+    phase, and a plot takes a good part of a second."""
+
+    def __init__(self, out: Path):
+        self.out = out
+        try:
+            cached = json.loads((out / PLOT_CACHE).read_text())
+        except (OSError, ValueError):
+            cached = {}
+        self.cache: dict[str, str] = cached if isinstance(cached, dict) else {}
+        self.files: dict[str, str] = {}
+
+    def draw(
+        self, name: str, file: str, plot: Callable[..., Path], *args: Any, **kwargs: Any
+    ) -> None:
+        digest = hashlib.sha256(
+            json_text([plot.__name__, args, kwargs], indent=None).encode()
+        ).hexdigest()
+        if self.cache.get(file) != digest or not (self.out / file).is_file():
+            plot(*args, path=self.out / file, **kwargs)
+            self.cache[file] = digest
+            atomic_write_json(self.out / PLOT_CACHE, self.cache)
+        self.files[name] = file
+
+
 def _draw_plots(out: Path, metrics: dict[str, Any]) -> dict[str, str]:
     """name -> file name of every plot the metrics allow."""
-    plots: dict[str, str] = {}
-    training = metrics.get("training", {})
-    curves = {name: run["loss"] for name, run in training.items() if run.get("loss")}
+    plots = _Plots(out)
+    curves = _training_curves(out, metrics)
     if curves:
-        offsets = {"codebook": len(training.get("base", {}).get("loss", []))}
+        base_steps = metrics.get("config", {}).get("base_steps", 0)
         reference, zoom = {}, None
         floor = metrics.get("loss_floor")
         if floor is not None:
             reference["task entropy (best possible loss)"] = floor
             zoom = (floor - 0.02, floor + 0.2)
-        plot_training_curves(
-            {f"{k} model" if k in ("base", "codebook") else k: v for k, v in curves.items()},
-            out / "training_curves.png",
+        label = {k: f"{k} model" if k in ("base", "codebook") else k for k in curves}
+        plots.draw(
+            "training",
+            "training_curves.png",
+            plot_training_curves,
+            {label[k]: losses for k, (_, losses) in curves.items()},
             title="Training loss (codebook model: fine-tuned from the base)",
             reference=reference,
-            offsets={f"{k} model": v for k, v in offsets.items()},
+            offsets={label["codebook"]: base_steps} if "codebook" in curves else None,
             zoom=zoom,
+            steps={label[k]: steps for k, (steps, _) in curves.items()},
         )
-        plots["training"] = "training_curves.png"
     evaluated = {
         label: metrics[key]
         for key, label in (("base", "base model"), ("codebook", "codebook model"))
@@ -91,22 +134,31 @@ def _draw_plots(out: Path, metrics: dict[str, Any]) -> dict[str, str]:
                 m: r.get("first_transition_accuracy_exact", 0.0) for m, r in evaluated.items()
             },
         }
-        plot_grouped_bars(groups, out / "accuracy.png", title="How well each model follows the FSM")
-        plots["accuracy"] = "accuracy.png"
+        plots.draw(
+            "accuracy",
+            "accuracy.png",
+            plot_grouped_bars,
+            groups,
+            title="How well each model follows the FSM",
+        )
     codes = metrics.get("state_codes")
     if codes:
         best = codes["best_per_state"]
-        plot_precision_recall_bars(
+        plots.draw(
+            "state_codes",
+            "state_codes.png",
+            plot_precision_recall_bars,
             [f"{r['state']}" for r in best],
             [r["precision"] for r in best],
             [r["recall"] for r in best],
-            out / "state_codes.png",
             threshold=codes["threshold"],
             title="Each state's best code (over all codebooks): precision and recall",
             xlabel="state",
         )
-        plots["state_codes"] = "state_codes.png"
-        plot_grouped_bars(
+        plots.draw(
+            "per_site",
+            "state_codes_per_site.png",
+            plot_grouped_bars,
             {
                 "L" + site.removeprefix("blocks.").replace("hook_", ""): {
                     "states with a precise code": v["states_with_precise_code"],
@@ -114,26 +166,28 @@ def _draw_plots(out: Path, metrics: dict[str, Any]) -> dict[str, str]:
                 }
                 for site, v in codes["per_site"].items()
             },
-            out / "state_codes_per_site.png",
             title="State codes per codebook",
         )
-        plots["per_site"] = "state_codes_per_site.png"
         heat = codes.get("heatmap")
         if heat and heat["precision"]:
             n_states = len(heat["precision"][0])
-            plot_code_label_heatmap(
+            plots.draw(
+                "heatmap",
+                "code_state_heatmap.png",
+                plot_code_label_heatmap,
                 heat["precision"],
-                out / "code_state_heatmap.png",
                 row_labels=heat["codes"],
                 col_labels=[str(s) for s in range(n_states)],
                 title=f"P(state | code) at {heat['site']}",
                 xlabel="current state",
                 ylabel="code (each state's best code)",
             )
-            plots["heatmap"] = "code_state_heatmap.png"
     interventions = metrics.get("interventions")
     if interventions:
-        plot_grouped_bars(
+        plots.draw(
+            "interventions",
+            "interventions.png",
+            plot_grouped_bars,
             {
                 CONDITION_NAMES.get(c, c).replace(" ", "\n", 1): {
                     "next state follows s′ (success)": interventions[c]["success"],
@@ -142,11 +196,9 @@ def _draw_plots(out: Path, metrics: dict[str, Any]) -> dict[str, str]:
                 for c in CONDITION_NAMES
                 if c in interventions
             },
-            out / "interventions.png",
             title="Steering a model in state s towards state s′",
         )
-        plots["interventions"] = "interventions.png"
-    return plots
+    return plots.files
 
 
 # -- html --------------------------------------------------------------------------------------
@@ -184,8 +236,8 @@ def _html(metrics: dict[str, Any], plots: dict[str, str]) -> str:
             f"<td>{'≥ ' + str(target) if target is not None else ''}</td></tr>"
         )
     extra = [
-        ("base", "first_transition_accuracy_exact", "reference's k=1 model: 0.975"),
-        ("codebook", "first_transition_accuracy_exact", "reference's k=1 model: 0.975"),
+        ("base", "first_transition_accuracy_exact", REFERENCE_NOTE),
+        ("codebook", "first_transition_accuracy_exact", REFERENCE_NOTE),
         ("base", "next_token_loss", "held-out"),
         ("codebook", "next_token_loss_before_fine_tuning", "codebooks just inserted"),
         ("codebook", "next_token_loss", "held-out"),
@@ -271,13 +323,18 @@ and recall ≥ {_fmt(metrics.get("state_codes", {}).get("threshold", 0.9))} in s
 
 <h3>3. Steering the model through its codes</h3>
 <p>We take {n_prompts} prompts that end in a state s, pick another state s′ at random and switch
-on s′'s codes (in each of the {slots} codebooks — every attention head and MLP — the code
-that best indicates s′). The model re-reads the
+on s′'s codes: in each codebook slot (a codebook group: one per attention head, one per MLP;
+{slots} slots on average) the code with the best F1 for s′. The model re-reads the
 current state at each digit it writes, so the codes are forced at every position until the next
 state is written (at the second digit, the codes for "s′ followed by the digit just written").
-<b>Success</b> means the next state the model generates is a valid successor of s′. Baselines:
-no intervention, and random codes in the same places. Also shown: forcing only the single best
-codebook, and forcing only at the prompt's last position.</p>
+<b>Success</b> means the next state the model generates is a valid successor of s′.
+The conditions: <b>force s′'s codes</b> (<code>steer</code>, the headline
+<code>intervention_success</code>: all slots, every digit position); <b>best single
+codebook</b> (<code>steer_best_site</code>: only the one slot whose code has the highest F1, every
+digit position); <b>last prompt position only</b> (<code>steer_last_position</code>: all slots,
+only at the prompt's last token); <b>random codes</b> (<code>random_code</code>: in the same slots
+and positions as <code>steer</code>, a code drawn uniformly from that codebook's other codes);
+<b>no intervention</b> (<code>none</code>).</p>
 {_figure(plots, "interventions", "Fraction of generated next states that follow s′ (success) or the true current state s. The two overlap when s and s′ share successors (on average " + _fmt(interventions.get("chance_overlap")) + " of the successors).")}
 
 <details><summary>Configuration</summary><table>{config_rows}</table></details>
