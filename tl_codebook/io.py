@@ -16,6 +16,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from tl_codebook.codebook import Codebook, CodebookConfig
+from tl_codebook.configs import dataclass_from_dict
 
 FORMAT_VERSION = 1
 CODEBOOK_CFG = "cfg.json"
@@ -252,7 +253,11 @@ def load_model(
             data["dtype"] = getattr(torch, data["dtype"].removeprefix("torch."))
         if device is not None:
             data["device"] = device
-        return HookedCodebookTransformer(HookedTransformerConfig.from_dict(data))
+        try:  # a string where a number belongs, an unknown key: name the field and the file
+            config = dataclass_from_dict(HookedTransformerConfig, data)
+        except ValueError as err:
+            raise ValueError(f"{path}: {err}") from None
+        return HookedCodebookTransformer(config)
     if path.is_dir():
         if architecture is None:
             raise ValueError(
@@ -261,12 +266,21 @@ def load_model(
             )
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
+        try:
+            hf_model = AutoModelForCausalLM.from_pretrained(
+                path, trust_remote_code=trust_remote_code
+            )
+            tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        except (SafetensorError, OSError, ValueError) as err:
+            files = ", ".join(sorted(p.name for p in path.iterdir() if p.is_file()))
+            raise ValueError(
+                f"cannot load the Hugging Face model in {path} (a truncated, corrupted or "
+                f"mismatched file among {files}?): {err}"
+            ) from None
         return HookedCodebookTransformer.from_pretrained(
             architecture,
-            hf_model=AutoModelForCausalLM.from_pretrained(
-                path, trust_remote_code=trust_remote_code
-            ),
-            tokenizer=AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code),
+            hf_model=hf_model,
+            tokenizer=tokenizer,
             device=device,
             trust_remote_code=trust_remote_code,
             **from_pretrained_kwargs,

@@ -141,6 +141,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         grad_clip=args.grad_clip,
         kl_coef=args.kl_coef,
         codebook_init=args.codebook_init,
+        # the BOS rows are outliers that init and dead-code replacement must not sample
+        exclude_token_ids=None if args.bos_token_id is None else [args.bos_token_id],
         dead_code_every=args.dead_code_every,
         checkpoint_every=args.checkpoint_every,
         out_dir=args.out,
