@@ -226,3 +226,42 @@ def test_explained_variance_ce_loss_score_and_kl_are_saelens_own(
     assert row["fve"] == row["explained_variance"]
     assert row["ce_loss_recovered"] == row["ce_loss_score"]
     assert row["kl"] == row["kl_div_with_sae"]
+
+
+# -- steering: a known answer ----------------------------------------------------------------------
+
+
+def test_steering_writes_the_forced_digit_and_the_task_judges_it(make_tiny_cfg) -> None:
+    """A model that writes the digit its last residual holds, and a codebook there whose code i
+    is digit i: forcing code i at every generated position writes "i i". On the ring FSM (s goes
+    to s+1 and s+2) that state is a successor of targets 1 ("11" = 3), 2 ("11") and 3 ("00" = 0);
+    target 0 has no latent here, so steering succeeds exactly on the prompts aimed at 1, 2, 3."""
+    from tl_codebook.comparisons.metrics import steering_metrics
+
+    fsm = FSM(
+        FSMConfig(n_states=4, n_edges=2, base=2), torch.tensor([[1, 2], [2, 3], [3, 0], [0, 1]])
+    )
+    task = TokFSMTask(fsm, seq_len=7, steering_prompt_states=2)
+    model = HookedTransformer(make_tiny_cfg(d_vocab=fsm.vocab_size)).eval()
+    with torch.no_grad():
+        model.W_U.zero_()
+        model.b_U.zero_()
+        for token in range(fsm.vocab_size):
+            model.W_U[token, token] = 1.0
+    last = "blocks.1.hook_resid_post"
+    cb = Codebook(CodebookConfig(d_in=16, num_codes=2, hook_name=last))
+    with torch.no_grad():
+        cb.codes.copy_(10 * torch.eye(16)[:2][None])
+    config = EvalConfig(
+        steering_prompts=24,
+        steering_temperature=0.0,
+        steering_positions="generation",
+        progress=False,
+    )
+    best_latent = torch.tensor([-1, 1, 1, 0])
+    scores = steering_metrics(
+        as_method(cb), model, task, last, best_latent, torch.ones(2), [fsm.bos_token], config
+    )
+    targets = task.steering_trials(24, seed=config.seed).targets
+    assert (targets == 0).any() and (targets != 0).any()
+    assert scores["steering_success"] == (targets != 0).float().mean().item()
