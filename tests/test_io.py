@@ -133,3 +133,89 @@ def test_a_config_file_cannot_turn_on_remote_code(make_tiny_cfg, tmp_path):
     assert allowed.cfg.trust_remote_code is True
     plain = write_model_json(tmp_path / "plain.json", make_tiny_cfg)
     assert load_model(str(plain)).cfg.trust_remote_code is False
+
+
+def test_a_failing_load_leaves_the_model_exactly_as_before(tiny_cfg, tokens, tmp_path):
+    """All or nothing: the later site cannot take a codebook, so the earlier one is not replaced."""
+    model_with_codebooks(tiny_cfg).save_codebooks(tmp_path / "cbs")
+    target = HookedCodebookTransformer(tiny_cfg)
+    torch.manual_seed(9)
+    mine = target.add_codebook(
+        Codebook(CodebookConfig(d_in=16, num_codes=5, n_groups=4, hook_name="blocks.0.attn.hook_z"))
+    )
+    target.add_hook("blocks.1.hook_mlp_out", lambda act, hook: None)  # attach refuses a hooked site
+    before = target(tokens)
+    with pytest.raises(ValueError, match="blocks.1.hook_mlp_out.*has hooks attached"):
+        target.load_codebooks(tmp_path / "cbs")
+    assert target.codebooks == {"blocks.0.attn.hook_z": mine}
+    assert torch.equal(target(tokens), before)
+
+
+def test_model_weights_that_do_not_fit_leave_the_model_as_before(tiny_cfg, tokens, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    model = model_with_codebooks(tiny_cfg)
+    model.fine_tuned = True
+    model.save_codebooks(tmp_path / "cbs")
+    weights = tmp_path / "cbs" / "model.safetensors"
+    state = load_file(str(weights))
+    state["blocks.0.mlp.W_in"] = torch.zeros(3, 3)
+    save_file(state, str(weights))
+    target = HookedCodebookTransformer(tiny_cfg)
+    before = target(tokens)
+    with pytest.raises(CodebookFileError, match=r"model.safetensors.*blocks.0.mlp.W_in.*\(3, 3\)"):
+        target.load_codebooks(tmp_path / "cbs")
+    assert target.codebooks == {} and not getattr(target, "fine_tuned", False)
+    assert torch.equal(target(tokens), before)
+
+
+@pytest.mark.parametrize("which", ["single", "set"])
+def test_an_unknown_format_version_is_refused(tiny_cfg, tmp_path, which):
+    if which == "single":
+        Codebook(CodebookConfig(d_in=4, num_codes=3)).save(tmp_path / "cb")
+        path = tmp_path / "cb" / "cfg.json"
+    else:
+        model_with_codebooks(tiny_cfg).save_codebooks(tmp_path / "cb")
+        path = tmp_path / "cb" / "codebooks.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "format_version": 99}))
+    with pytest.raises(CodebookFileError, match="format_version 99.*reads format_version 1"):
+        if which == "single":
+            Codebook.load(tmp_path / "cb")
+        else:
+            HookedCodebookTransformer(tiny_cfg).load_codebooks(tmp_path / "cb")
+
+
+def test_a_save_that_dies_midway_leaves_the_previous_set_whole(
+    tiny_cfg, tokens, tmp_path, monkeypatch
+):
+    import tl_codebook.io as io
+
+    model = model_with_codebooks(tiny_cfg)
+    model.save_codebooks(tmp_path / "cbs")
+    expected = model(tokens)
+    with torch.no_grad():
+        for cb in model.codebooks.values():
+            cb.codes.mul_(-1.0)
+
+    def die(*args, **kwargs):
+        raise KeyboardInterrupt  # a kill between the weights and the config
+
+    monkeypatch.setattr(io, "atomic_write_json", die)
+    with pytest.raises(KeyboardInterrupt):
+        model.save_codebooks(tmp_path / "cbs")
+    monkeypatch.undo()
+    assert sorted(p.name for p in (tmp_path / "cbs").iterdir()) == [
+        "codebooks.json",
+        "codebooks.safetensors",
+    ]
+    assert [p.name for p in tmp_path.iterdir()] == ["cbs"]  # no temporary left behind
+    fresh = HookedCodebookTransformer(tiny_cfg)
+    fresh.load_codebooks(tmp_path / "cbs")
+    assert torch.equal(fresh(tokens), expected)
+
+
+def test_saving_into_a_directory_with_other_files_is_refused(tiny_cfg, tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match=r"holds other files \['notes.txt'\]"):
+        model_with_codebooks(tiny_cfg).save_codebooks(tmp_path)
+    assert (tmp_path / "notes.txt").read_text() == "mine"

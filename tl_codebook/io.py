@@ -8,6 +8,8 @@ codebooks is a directory with `codebooks.json` (configs, the base model's name a
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +18,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from tl_codebook.codebook import Codebook, CodebookConfig
+from tl_codebook.files import TEMP_PREFIX, atomic_directory, atomic_write_json
 from tl_codebook.configs import dataclass_from_dict
 
 FORMAT_VERSION = 1
@@ -54,10 +57,37 @@ def _read_tensors(path: Path, device: str | torch.device | None) -> dict[str, to
         ) from None
 
 
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True))
-    tmp.replace(path)
+def _check_format_version(data: dict[str, Any], path: Path) -> None:
+    version = data.pop("format_version", None)
+    if version != FORMAT_VERSION:
+        found = "no format_version" if version is None else f"format_version {version!r}"
+        raise CodebookFileError(
+            f"{path} has {found}; this version of tl_codebook reads format_version "
+            f"{FORMAT_VERSION} (a file from a newer tl_codebook needs that version)."
+        )
+
+
+@contextmanager
+def _saving_directory(path: Path, ours: tuple[str, ...]) -> Iterator[Path]:
+    """Build the directory `path` under a temporary name and swap it in whole, so a save that
+    is killed midway leaves the previous complete save (or none), never a half one.
+
+    Swapping replaces the directory as a whole, so a directory holding files other than a
+    previous save of the same kind is refused rather than emptied.
+    """
+    if path.exists():
+        if not path.is_dir():
+            raise ValueError(f"Cannot save codebooks to {path}: it exists and is not a directory.")
+        foreign = sorted(
+            p.name for p in path.iterdir() if p.name not in ours and not p.name.startswith(TEMP_PREFIX)
+        )
+        if foreign:
+            raise ValueError(
+                f"Cannot save codebooks to {path}: it holds other files {foreign[:5]}, which "
+                "replacing the directory as a whole would delete; choose a new or empty directory."
+            )
+    with atomic_directory(path) as building:
+        yield building
 
 
 def _codebook_from(cfg: CodebookConfig, codes: torch.Tensor, source: Path) -> Codebook:
@@ -75,9 +105,13 @@ def _codebook_from(cfg: CodebookConfig, codes: torch.Tensor, source: Path) -> Co
 def save_codebook(codebook: Codebook, path: str | Path) -> Path:
     """Save one codebook to the directory `path`."""
     path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    save_file({"codes": codebook.codes.detach().contiguous().cpu()}, str(path / CODEBOOK_WEIGHTS))
-    _write_json(path / CODEBOOK_CFG, {"format_version": FORMAT_VERSION, **codebook.cfg.to_dict()})
+    with _saving_directory(path, (CODEBOOK_CFG, CODEBOOK_WEIGHTS)) as building:
+        save_file(
+            {"codes": codebook.codes.detach().contiguous().cpu()}, str(building / CODEBOOK_WEIGHTS)
+        )
+        atomic_write_json(
+            building / CODEBOOK_CFG, {"format_version": FORMAT_VERSION, **codebook.cfg.to_dict()}
+        )
     return path
 
 
@@ -85,7 +119,7 @@ def load_codebook(path: str | Path, device: str | torch.device | None = None) ->
     """Load a codebook saved by `save_codebook` / `Codebook.save`."""
     path = Path(path)
     data = _read_json(path / CODEBOOK_CFG)
-    data.pop("format_version", None)
+    _check_format_version(data, path / CODEBOOK_CFG)
     cfg = CodebookConfig.from_dict(data)
     tensors = _read_tensors(path / CODEBOOK_WEIGHTS, device)
     if "codes" not in tensors:
@@ -120,37 +154,37 @@ def save_codebooks(
     from tl_codebook.hooks.model import codebooks_of
 
     path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
     present = codebooks_of(model)
     if not present:
         raise ValueError("The model has no codebooks to save.")
-    save_file(
-        {f"{name}.codes": cb.codes.detach().contiguous().cpu() for name, cb in present.items()},
-        str(path / SET_WEIGHTS),
-    )
     if save_model_weights is None:
         save_model_weights = bool(getattr(model, "fine_tuned", False))
-    weights_file = None
-    if save_model_weights:
-        skip = _codebook_parameter_names(model)
-        state = {
-            k: v.detach().cpu().clone().contiguous()
-            for k, v in model.state_dict().items()
-            if k not in skip
-        }
-        save_file(state, str(path / MODEL_WEIGHTS))
-        weights_file = MODEL_WEIGHTS
     cfg = getattr(model, "cfg", None)
-    _write_json(
-        path / SET_CFG,
-        {
-            "format_version": FORMAT_VERSION,
-            "model_name": getattr(cfg, "model_name", None),
-            "model_shape": model_shape(model),
-            "model_weights": weights_file,
-            "codebooks": {name: cb.cfg.to_dict() for name, cb in present.items()},
-        },
-    )
+    with _saving_directory(path, (SET_CFG, SET_WEIGHTS, MODEL_WEIGHTS)) as building:
+        save_file(
+            {f"{name}.codes": cb.codes.detach().contiguous().cpu() for name, cb in present.items()},
+            str(building / SET_WEIGHTS),
+        )
+        weights_file = None
+        if save_model_weights:
+            skip = _codebook_parameter_names(model)
+            state = {
+                k: v.detach().cpu().clone().contiguous()
+                for k, v in model.state_dict().items()
+                if k not in skip
+            }
+            save_file(state, str(building / MODEL_WEIGHTS))
+            weights_file = MODEL_WEIGHTS
+        atomic_write_json(
+            building / SET_CFG,
+            {
+                "format_version": FORMAT_VERSION,
+                "model_name": getattr(cfg, "model_name", None),
+                "model_shape": model_shape(model),
+                "model_weights": weights_file,
+                "codebooks": {name: cb.cfg.to_dict() for name, cb in present.items()},
+            },
+        )
     return path
 
 
@@ -159,13 +193,20 @@ def load_codebooks(
 ) -> dict[str, Codebook]:
     """Load codebooks saved by `save_codebooks` into `model`, replacing any at those sites.
 
-    Fails before touching the model if the files are unreadable or were saved for a model of
-    another shape (the message names both shapes).
+    All or nothing: every file is read, every codebook built and every site and weight checked
+    before the model is touched, so on any error (unreadable files, a model of another shape,
+    a site that cannot take its codebook, weights that do not fit) the model is as before.
     """
-    from tl_codebook.hooks.model import attach_codebook, codebooks_of, detach_codebook
+    from tl_codebook.hooks.model import (
+        attach_codebook,
+        check_attachable,
+        codebooks_of,
+        detach_codebook,
+    )
 
     path = Path(path)
     meta = _read_json(path / SET_CFG)
+    _check_format_version(meta, path / SET_CFG)
     for key in ("codebooks", "model_shape"):
         if key not in meta:
             raise CodebookFileError(f"{path / SET_CFG} has no {key!r} entry.")
@@ -193,23 +234,41 @@ def load_codebooks(
         )
     model_state = None
     if load_model_weights and meta.get("model_weights"):
-        model_state = _read_tensors(path / meta["model_weights"], device)
+        weights_path = path / meta["model_weights"]
+        model_state = _read_tensors(weights_path, device)
+        skip = _codebook_parameter_names(model) | {f"{name}.codes" for name in loaded}
+        _check_state_fits(model, model_state, skip, weights_path)
+    for name, cb in loaded.items():
+        check_attachable(model, cb, name, replacing=True)
+    # nothing below can fail on what was checked above
     present = codebooks_of(model)
     for name, cb in loaded.items():
         if name in present:
             detach_codebook(model, name)
-        attach_codebook(model, cb, name)
+        attach_codebook(model, cb, name, check_width=False)
     if model_state is not None:
-        skip = _codebook_parameter_names(model)
-        result = model.load_state_dict(model_state, strict=False)
-        missing = [k for k in result.missing_keys if k not in skip]
-        if missing or result.unexpected_keys:
-            raise CodebookFileError(
-                f"{path / meta['model_weights']} does not fit the model: missing {missing[:5]}, "
-                f"unexpected {result.unexpected_keys[:5]}."
-            )
+        model.load_state_dict(model_state, strict=False)
         model.fine_tuned = True  # type: ignore[assignment]
     return loaded
+
+
+def _check_state_fits(
+    model: torch.nn.Module, state: dict[str, torch.Tensor], skip: set[str], source: Path
+) -> None:
+    """Raise unless `state` holds exactly the model's own (non-codebook) tensors, shapes equal."""
+    own = {k: v for k, v in model.state_dict().items() if k not in skip}
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    wrong = [
+        f"{k} saved {tuple(state[k].shape)} vs model {tuple(v.shape)}"
+        for k, v in own.items()
+        if k in state and tuple(state[k].shape) != tuple(v.shape)
+    ]
+    if missing or unexpected or wrong:
+        raise CodebookFileError(
+            f"{source} does not fit the model: missing {missing[:5]}, unexpected "
+            f"{unexpected[:5]}, wrong shapes {wrong[:5]}."
+        )
 
 
 def load_model(

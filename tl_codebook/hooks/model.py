@@ -158,18 +158,17 @@ def _slice_codebook_hooks_on_their_axis(model: torch.nn.Module) -> None:
     object.__setattr__(model, "get_caching_hooks", types.MethodType(get_caching_hooks, model))
 
 
-def attach_codebook(
+def check_attachable(
     model: torch.nn.Module,
     codebook: Codebook,
     hook_name: str | None = None,
     check_width: bool = True,
-) -> Codebook:
-    """Put `codebook` at the HookPoint `hook_name` (default `codebook.cfg.hook_name`) of `model`.
+    replacing: bool = False,
+) -> str:
+    """Everything `attach_codebook` checks, without changing the model; returns the hook name.
 
-    Works on any HookedRootModule (HookedTransformer, HookedSAETransformer, ...). Raises
-    UnknownHookError (listing close names) for a name the model does not have, and ValueError
-    when the activation's width does not fit the codebook (checked with a one-token forward on
-    HookedTransformer models).
+    `replacing=True` accepts a site that already holds a codebook (loading replaces it), so a
+    caller can check every site before touching any (all or nothing).
     """
     name = hook_name or codebook.cfg.hook_name
     if name is None:
@@ -182,11 +181,11 @@ def attach_codebook(
     if name not in hook_dict:
         raise unknown_hook_error(name, hook_dict)
     current = hook_dict[name]
-    if isinstance(current, Codebook):
+    if isinstance(current, Codebook) and not replacing:
         raise ValueError(f"A codebook already sits at {name!r}; remove it first.")
     if name.rsplit(".", 1)[-1] in CODEBOOK_HOOK_SUFFIXES:
         raise ValueError(f"{name!r} is a codebook's own hook point; attach at a model hook point.")
-    if current.fwd_hooks or current.bwd_hooks:
+    if not isinstance(current, Codebook) and (current.fwd_hooks or current.bwd_hooks):
         raise ValueError(
             f"The hook point {name!r} has hooks attached; remove them (model.reset_hooks("
             "including_permanent=True)) before adding a codebook there."
@@ -200,6 +199,25 @@ def attach_codebook(
                 f"Cannot attach at {name!r}: the activation there has shape {shape} "
                 f"(batch, pos, ...) but {err}"
             ) from None
+    return name
+
+
+def attach_codebook(
+    model: torch.nn.Module,
+    codebook: Codebook,
+    hook_name: str | None = None,
+    check_width: bool = True,
+) -> Codebook:
+    """Put `codebook` at the HookPoint `hook_name` (default `codebook.cfg.hook_name`) of `model`.
+
+    Works on any HookedRootModule (HookedTransformer, HookedSAETransformer, ...). Raises
+    UnknownHookError (listing close names) for a name the model does not have, and ValueError
+    when the activation's width does not fit the codebook (checked with a one-token forward on
+    HookedTransformer models).
+    """
+    name = check_attachable(model, codebook, hook_name, check_width)
+    hook_dict: Mapping[str, HookPoint] = model.hook_dict  # type: ignore[assignment]
+    current = hook_dict[name]
     codebook.cfg.hook_name = name
     parent, attr = _parent_and_attr(model, name)
     originals: dict[str, HookPoint] = model.__dict__.setdefault(_ORIGINALS_ATTR, {})
