@@ -18,8 +18,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from tl_codebook.codebook import Codebook, CodebookConfig
-from tl_codebook.files import TEMP_PREFIX, atomic_directory, atomic_write_json
 from tl_codebook.configs import dataclass_from_dict
+from tl_codebook.files import TEMP_PREFIX, atomic_directory, atomic_write_json
 
 FORMAT_VERSION = 1
 CODEBOOK_CFG = "cfg.json"
@@ -79,7 +79,9 @@ def _saving_directory(path: Path, ours: tuple[str, ...]) -> Iterator[Path]:
         if not path.is_dir():
             raise ValueError(f"Cannot save codebooks to {path}: it exists and is not a directory.")
         foreign = sorted(
-            p.name for p in path.iterdir() if p.name not in ours and not p.name.startswith(TEMP_PREFIX)
+            p.name
+            for p in path.iterdir()
+            if p.name not in ours and not p.name.startswith(TEMP_PREFIX)
         )
         if foreign:
             raise ValueError(
