@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import torch
+from tl_codebook.files import atomic_write_text, json_ready, json_text
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -32,10 +32,7 @@ class MetricsLogger:
         self.path = path if path.suffix == ".jsonl" else path / METRICS_FILE
         self.path.parent.mkdir(parents=True, exist_ok=True)
         kept = [] if resume_step is None else _lines_up_to(self.path, resume_step)
-        temp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
-        with open(temp, "w") as file:
-            file.writelines(kept)
-        os.replace(temp, self.path)
+        atomic_write_text(self.path, "".join(kept))
         self._file = open(self.path, "a")
 
     def log(self, step: int, metrics: Mapping[str, Any]) -> None:
@@ -44,7 +41,7 @@ class MetricsLogger:
             if name in record:
                 raise ValueError(f"metric name {name!r} is reserved; the logger writes it")
             record[name] = _plain(value, name)
-        self._file.write(json.dumps(record, allow_nan=False) + "\n")
+        self._file.write(json_text(record, indent=None) + "\n")
         self._file.flush()
 
     def close(self) -> None:
@@ -83,15 +80,13 @@ def _parses(line: str) -> bool:
 
 
 def _plain(value: Any, name: str) -> Any:
-    """A JSON-ready value: tensors and numpy scalars become numbers, non-finite floats null."""
-    if isinstance(value, torch.Tensor):
-        if value.numel() != 1:
-            raise ValueError(f"metric {name!r} must be a scalar, got shape {tuple(value.shape)}")
-        value = value.item()
-    elif hasattr(value, "item") and callable(value.item):  # numpy scalars
-        value = value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return value
-    raise TypeError(f"metric {name!r} is a {type(value).__name__}; log numbers or strings")
+    """A JSON-ready scalar (`files.json_ready`: tensors and numpy scalars become numbers,
+    non-finite floats null); anything else is refused, naming the metric."""
+    if isinstance(value, (dict, list, tuple, set)):
+        raise TypeError(f"metric {name!r} is a {type(value).__name__}; log numbers or strings")
+    if hasattr(value, "shape") and hasattr(value, "item") and math.prod(value.shape) == 1:
+        value = value.item()  # a one-element tensor or array, a numpy scalar
+    plain = json_ready(value)
+    if isinstance(plain, list):
+        raise ValueError(f"metric {name!r} must be a scalar, got shape {tuple(value.shape)}")
+    return plain
