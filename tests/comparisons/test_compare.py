@@ -166,6 +166,15 @@ def test_bad_methods_and_mismatches_are_refused(tokfsm, tmp_path) -> None:
         match="Unknown method 'topkk'; valid methods are codebook, .*Did you mean 'topk'",
     ):
         run(train, ["topkk"], small_config(fsm))
+    out = tmp_path / "refused"
+    with pytest.raises(ValueError, match=r"'topk-k64' \(topk\): k=64 is more than d_sae=12"):
+        run(train, ["codebook", "topk:k=64"], small_config(fsm), out_dir=out)
+    assert not out.exists()  # refused before the codebook (listed first) trained
+    with pytest.raises(ValueError, match="n_groups=5 must divide the activations' width d_in=16"):
+        run(train, ["codebook:n_groups=5:d_sae=10"], small_config(fsm))
+    with pytest.raises(ValueError, match="Two methods are named 'a'"):
+        run(train, ["codebook:name=a", "topk:name=a"], small_config(fsm), out_dir=out)
+    assert not out.exists()
     with pytest.raises(ValueError, match="Bad method option 'kk=2'"):
         MethodSpec.parse("topk:kk=2")
     with pytest.raises(ValueError, match="no activations at 'blocks.1.hook_resid_post'"):

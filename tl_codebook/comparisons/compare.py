@@ -39,7 +39,12 @@ from tl_codebook.comparisons.methods import (
     as_method,
     train_method,
 )
-from tl_codebook.comparisons.metrics import EvalConfig, evaluate_method, splice_baseline
+from tl_codebook.comparisons.metrics import (
+    EvalConfig,
+    evaluate_method,
+    evaluated_tokens,
+    splice_baseline,
+)
 from tl_codebook.comparisons.store import ActivationStore
 from tl_codebook.configs import dataclass_from_dict
 from tl_codebook.files import atomic_write_text, json_ready, json_text
@@ -255,7 +260,7 @@ def codebook_agreement(
         raise ValueError(f"{a.name!r} and {b.name!r} must both be codebooks.")
     same, total = 0, 0
     for tokens, acts in store.iter_sequences(hook_name, 256, max_sequences):
-        keep = ~torch.isin(tokens, torch.tensor(list(exclude_token_ids), dtype=torch.long))
+        keep = evaluated_tokens(tokens, exclude_token_ids)
         x = acts[keep]
         ids_a = a.codebook.encode(x.to(a.codebook.codes.device)).sort(-1).values.cpu()
         ids_b = b.codebook.encode(x.to(b.codebook.codes.device)).sort(-1).values.cpu()
