@@ -107,3 +107,25 @@ def test_decode_rejects_out_of_range_ids():
     cb = hand_built()
     with pytest.raises(ValueError, match=r"\[0, 4\)"):
         cb.decode(torch.tensor([[[4, 0]]]))
+
+
+def test_a_non_finite_input_row_comes_out_nan_not_as_a_code():
+    """NaN in, NaN out: a row with a NaN or inf is not hidden behind an arbitrary code."""
+    cb = hand_built(k=2)
+    x = torch.tensor([[2.0, 0.9], [float("nan"), 1.0], [float("inf"), 0.0], [-3.0, 0.1]])
+    y = cb(x)
+    assert torch.isnan(y[1:3]).all()
+    assert torch.equal(y[[0, 3]], torch.tensor([[2.0, 1.5], [-0.5, 1.0]]))
+    assert torch.isnan(torch.tensor(cb.mean_squared_error))
+
+
+def test_the_same_seed_gives_the_same_codebook():
+    cfg = CodebookConfig(d_in=8, num_codes=6, k=2, n_groups=2)
+    torch.manual_seed(5)
+    first = Codebook(cfg).codes.detach().clone()
+    torch.manual_seed(5)
+    again = Codebook(cfg).codes.detach().clone()
+    torch.manual_seed(6)
+    other = Codebook(cfg).codes.detach().clone()
+    assert torch.equal(first, again)
+    assert not torch.equal(first, other)

@@ -202,7 +202,11 @@ class Codebook(HookPoint):
         return out
 
     def forward(self, x: Float[Tensor, "..."]) -> Float[Tensor, "..."]:
-        """Snap `x` (same shape out), running the three hook points along the way."""
+        """Snap `x` (same shape out), running the three hook points along the way.
+
+        A token whose input holds a NaN or inf comes out all NaN (NaN in, NaN out), so a broken
+        activation is never hidden behind a code; its ids in `hook_codes` are meaningless.
+        """
         if not self.enabled:
             return x
         x = self.hook_codebook_in(x)

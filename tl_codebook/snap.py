@@ -218,7 +218,11 @@ class _GatherStraightThrough(torch.autograd.Function):
         ctx.n_tokens = n_tokens
         ctx.save_for_backward(x if commitment or reconstruction else None, codes, ids)
         # [rows * groups, d], not a view: a view returned from here could not be edited in place
-        return _gather_mean_flat(ids, codes)
+        out = _gather_mean_flat(ids, codes)
+        # NaN in, NaN out: max|x| is finite exactly when the row is (no overflow, no host sync),
+        # and 0 * (inf or NaN) is NaN, so a non-finite row becomes all NaN instead of a code
+        poison = torch.linalg.vector_norm(x.detach(), ord=float("inf"), dim=-1).mul_(0.0)
+        return out.add_(poison.reshape(-1, 1))
 
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
@@ -258,7 +262,9 @@ def snap_output(
 ) -> Float[Tensor, "rows groups d"]:
     """The mean of the chosen codes, with the snap's gradients (see `_GatherStraightThrough`).
 
-    Value: `gather_mean(ids, codes)`. Safe to edit in place, also when gradients are on.
+    Value: `gather_mean(ids, codes)`, except that a row of `x` holding a NaN or inf comes out
+    all NaN (NaN in, NaN out, as from any torch layer) rather than hidden behind the arbitrary
+    code a NaN score picks. Safe to edit in place, also when gradients are on.
     """
     n = x.shape[0] if n_tokens is None else n_tokens
     flat = _GatherStraightThrough.apply(
