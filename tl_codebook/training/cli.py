@@ -123,6 +123,8 @@ def add_train_command(parser: argparse.ArgumentParser) -> None:
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     """The TrainConfig the flags describe (validated: bad values fail here, before any work)."""
+    if args.bos_token_id is not None and args.bos_token_id < 0:
+        raise ValueError(f"BOS token id {args.bos_token_id} is outside any vocabulary (ids >= 0).")
     return TrainConfig(
         mode=args.mode,
         sites=[parse_site(spec) for spec in args.at],
