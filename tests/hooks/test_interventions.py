@@ -106,3 +106,43 @@ def test_bad_interventions_raise_clear_errors(make_tiny_cfg):
         with model.ablate_codes({LAST_RESID: list(range(10))}):
             pass
     assert model.codebooks[LAST_RESID].ablated is None
+
+
+def test_two_codebooks_at_once_cache_ablate_and_force(make_tiny_cfg, tokens):
+    """Ablate at a residual codebook and force per head at a later hook_z codebook, together."""
+    model = HookedCodebookTransformer(make_tiny_cfg())
+    torch.manual_seed(2)
+    resid = model.add_codebook(
+        Codebook(CodebookConfig(d_in=16, num_codes=10, k=2, hook_name="blocks.0.hook_resid_post"))
+    )
+    heads = model.add_codebook(
+        Codebook(
+            CodebookConfig(d_in=16, num_codes=6, k=1, n_groups=4, hook_name="blocks.1.attn.hook_z")
+        )
+    )
+    b, p = tokens.shape
+    _, cache = model.run_with_cache(tokens)
+    shapes = {
+        "blocks.0.hook_resid_post.hook_codebook_in": (b, p, 16),
+        "blocks.0.hook_resid_post.hook_codes": (b, p, 1, 2),
+        "blocks.0.hook_resid_post.hook_codebook_out": (b, p, 16),
+        "blocks.1.attn.hook_z.hook_codebook_in": (b, p, 4, 4),
+        "blocks.1.attn.hook_z.hook_codes": (b, p, 4, 1),
+        "blocks.1.attn.hook_z.hook_codebook_out": (b, p, 4, 4),
+    }
+    assert {name: tuple(cache[name].shape) for name in shapes} == shapes
+    ablated = cache["blocks.0.hook_resid_post.hook_codes"][..., 0, 0].unique().tolist()[:3]
+    with (
+        model.ablate_codes({"blocks.0.hook_resid_post": ablated}),
+        model.force_codes({"blocks.1.attn.hook_z": {0: [3], 2: [5]}}),
+    ):
+        _, both = model.run_with_cache(tokens)
+    ids0 = both["blocks.0.hook_resid_post.hook_codes"][..., 0, :]
+    ranked = resid.scores(both["blocks.0.hook_resid_post.hook_codebook_in"])[..., 0, :]
+    ranked[..., ablated] = float("-inf")
+    assert torch.equal(ids0, ranked.topk(2, dim=-1).indices)  # the best two not ablated
+    ids1 = both["blocks.1.attn.hook_z.hook_codes"][..., 0]
+    natural = heads.encode(both["blocks.1.attn.hook_z.hook_codebook_in"])[..., 0]
+    assert (ids1[..., 0] == 3).all() and (ids1[..., 2] == 5).all()
+    assert torch.equal(ids1[..., [1, 3]], natural[..., [1, 3]])
+    assert resid.ablated is None
