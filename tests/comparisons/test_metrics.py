@@ -17,6 +17,7 @@ from tl_codebook.comparisons.store import ActivationStore, StoreError, model_fin
 from tl_codebook.fsm import FSM, FSMConfig
 from tl_codebook.fsm.dataset import determined_states
 from tl_codebook.fsm.task import TokFSMTask
+from tl_codebook.tasks import Task
 
 RESID = "blocks.0.hook_resid_post"
 QUIET = EvalConfig(progress=False, steering_prompts=8)
@@ -265,3 +266,56 @@ def test_steering_writes_the_forced_digit_and_the_task_judges_it(make_tiny_cfg) 
     targets = task.steering_trials(24, seed=config.seed).targets
     assert (targets == 0).any() and (targets != 0).any()
     assert scores["steering_success"] == (targets != 0).float().mean().item()
+
+
+class TokenIsConcept(Task):
+    """A task with no steering: the concept at each position is the token id itself."""
+
+    name = "token-is-concept"
+
+    def __init__(self, vocab: int):
+        self.vocab = vocab
+
+    @property
+    def concept_names(self) -> list[str]:
+        return [f"token {t}" for t in range(self.vocab)]
+
+    def concept_labels(self, tokens):
+        return tokens.clone()
+
+    def to_dict(self):
+        return {"name": self.name, "vocab": self.vocab}
+
+    @classmethod
+    def from_dict(cls, data):
+        return cls(data["vocab"])
+
+
+def test_any_task_plugs_in_and_is_reopened_from_the_store(tmp_path) -> None:
+    """A task the comparison has never heard of: a codebook whose code c is token c's activation
+    has a precise latent for every token; the store's metadata names the task for `run`."""
+    from tl_codebook.comparisons.compare import ComparisonConfig, run, task_of
+    from tl_codebook.comparisons.methods import TrainingConfig
+    from tl_codebook.tasks import TASKS, register_task
+
+    directions = planted_directions(5, 8)
+    tokens = torch.randint(0, 5, (6, 7), generator=torch.Generator().manual_seed(0))
+    register_task(TokenIsConcept.name, TokenIsConcept)
+    try:
+        task = TokenIsConcept(5)
+        store = ActivationStore.write(
+            tmp_path / "s",
+            {"h": directions[tokens]},
+            tokens,
+            "m",
+            "f",
+            metadata={"task": task.to_dict()},
+        )
+        assert isinstance(task_of(store), TokenIsConcept)
+        config = ComparisonConfig(training=TrainingConfig("h", d_sae=5), evaluation=QUIET)
+        [row] = run(store, [planted_codebook(directions, k=1)], config).rows
+    finally:
+        del TASKS[TokenIsConcept.name]
+    assert row["concepts_with_precise_latent"] == 1.0
+    assert row["mean_best_precision"] == row["mean_best_recall"] == 1.0
+    assert math.isnan(row["steering_success"])  # the task has no steering measure
