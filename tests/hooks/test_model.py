@@ -121,10 +121,17 @@ def test_generate_with_codebooks_matches_step_by_step_greedy(make_tiny_cfg, posi
     cfg = make_tiny_cfg(positional_embedding_type=positional)
     model = with_codebooks(HookedCodebookTransformer(cfg))
     expected = greedy_loop(model, tokens[:, :4], 6)
-    got = model.generate(
-        tokens[:, :4], max_new_tokens=6, do_sample=False, stop_at_eos=False, verbose=False
-    )
+    windows = []
+    with model.hooks(
+        fwd_hooks=[
+            ("blocks.1.hook_mlp_out.hook_codes", lambda ids, hook: windows.append(ids.shape[1]))
+        ]
+    ):
+        got = model.generate(
+            tokens[:, :4], max_new_tokens=6, do_sample=False, stop_at_eos=False, verbose=False
+        )
     assert torch.equal(got, expected)
+    assert windows == [4, 1, 1, 1, 1, 1]  # the KV cache is used, also for absolute positions
 
 
 def test_transformer_lens_generate_bug_we_work_around(make_tiny_cfg, tokens):
