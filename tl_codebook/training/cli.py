@@ -105,7 +105,13 @@ def add_train_command(parser: argparse.ArgumentParser) -> None:
     out.add_argument(
         "--out", required=True, help="run directory: checkpoints, metrics.jsonl, codebooks/"
     )
-    out.add_argument("--checkpoint-every", type=int, default=0)
+    out.add_argument(
+        "--checkpoint-every", type=int, default=0, help="checkpoint every N steps (0: never)"
+    )
+    out.add_argument(
+        "--keep-checkpoints", type=int, default=2, help="how many recent checkpoints to keep"
+    )
+    out.add_argument("--log-every", type=int, default=10, help="write metrics.jsonl every N steps")
     out.add_argument(
         "--resume", action="store_true", help="continue from the latest checkpoint in --out"
     )
@@ -147,6 +153,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         exclude_token_ids=None if args.bos_token_id is None else [args.bos_token_id],
         dead_code_every=args.dead_code_every,
         checkpoint_every=args.checkpoint_every,
+        keep_checkpoints=args.keep_checkpoints,
+        log_every=args.log_every,
         out_dir=args.out,
         seed=args.seed,
         wandb_project=args.wandb_project,
