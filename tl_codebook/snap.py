@@ -219,9 +219,11 @@ class _GatherStraightThrough(torch.autograd.Function):
         ctx.save_for_backward(x if commitment or reconstruction else None, codes, ids)
         # [rows * groups, d], not a view: a view returned from here could not be edited in place
         out = _gather_mean_flat(ids, codes)
-        # NaN in, NaN out: max|x| is finite exactly when the row is (no overflow, no host sync),
-        # and 0 * (inf or NaN) is NaN, so a non-finite row becomes all NaN instead of a code
-        poison = torch.linalg.vector_norm(x.detach(), ord=float("inf"), dim=-1).mul_(0.0)
+        # NaN in, NaN out: a row's max and min are finite exactly when the row is (they never
+        # overflow, and propagate NaN), and 0 * (inf or NaN) is NaN, so a non-finite row
+        # becomes all NaN instead of a code; no host sync, no full-size temporary
+        x = x.detach()
+        poison = x.amax(-1).mul_(0.0).add_(x.amin(-1).mul_(0.0))
         return out.add_(poison.reshape(-1, 1))
 
     @staticmethod
