@@ -141,11 +141,11 @@ class SequenceWindow:
         if self.input_length is None:
             self.input_length = self.start + n_pos
         absolute = {p if p >= 0 else self.input_length + p for p in positions}
-        mask = torch.zeros(n_pos, dtype=torch.bool, device=device)
+        mask = torch.zeros(n_pos, dtype=torch.bool)  # built on the host, moved once
         for p in absolute:
             if self.start <= p < self.start + n_pos:
                 mask[p - self.start] = True
-        return mask
+        return mask.to(device, non_blocking=True)
 
 
 def _cache_length(entry: Any) -> int:
@@ -171,39 +171,36 @@ def _tracking_window(model: torch.nn.Module, window: SequenceWindow) -> Iterator
     handles = [
         block.register_forward_pre_hook(before_block, with_kwargs=True) for block in blocks or []
     ]
-    wrapped: dict[str, Any] = {}
 
-    def wrap(name: str) -> None:
+    def begin(active: bool) -> None:
+        window.generating, window.input_length = active, None
+
+    def generate(original: Any) -> Any:
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            begin(True)
+            try:
+                return original(*args, **kwargs)
+            finally:
+                begin(False)
+
+        return wrapper
+
+    def generate_stream(original: Any) -> Any:
+        def wrapper(*args: Any, **kwargs: Any) -> Iterator[Any]:
+            begin(True)
+            try:
+                yield from original(*args, **kwargs)
+            finally:
+                begin(False)
+
+        return wrapper
+
+    wrapped: dict[str, Any] = {}  # name -> what the instance held before (None: nothing)
+    for name, wrap in (("generate", generate), ("generate_stream", generate_stream)):
         original = getattr(model, name, None)
-        if original is None:
-            return
-        wrapped[name] = model.__dict__.get(name)
-
-        if name == "generate_stream":
-
-            def stream(*args: Any, **kwargs: Any) -> Iterator[Any]:
-                outer = window.generating, window.input_length
-                window.generating, window.input_length = True, None
-                try:
-                    yield from original(*args, **kwargs)
-                finally:
-                    window.generating, window.input_length = outer[0], None
-
-            object.__setattr__(model, name, stream)
-        else:
-
-            def generate(*args: Any, **kwargs: Any) -> Any:
-                outer = window.generating
-                window.generating, window.input_length = True, None
-                try:
-                    return original(*args, **kwargs)
-                finally:
-                    window.generating, window.input_length = outer, None
-
-            object.__setattr__(model, name, generate)
-
-    for name in ("generate", "generate_stream"):
-        wrap(name)
+        if original is not None:
+            wrapped[name] = model.__dict__.get(name)
+            object.__setattr__(model, name, wrap(original))
     try:
         yield
     finally:
