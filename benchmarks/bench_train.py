@@ -11,8 +11,9 @@ median of per-round ratios), so a noisy shared machine hits both sides alike.
    setting: 1000 codes, k=1), divided by the same step without codebooks. Target <= 1.3.
    `train_step_ratio_to_floor`: the same codebook step divided by the plain step plus the bare
    work no implementation can avoid, measured in the same rounds at the same shapes: per
-   codebook one score matmul of all tokens against all codes, the top-k, and the gather-mean of
-   the chosen codes forward and backward. Target <= 1.1.
+   codebook the score matmuls of all tokens against all codes (in the codebook's row chunks),
+   the top-k (a max for k=1), and the gather-mean of the chosen codes forward and backward.
+   Target <= 1.1.
 2. `frozen_step_speedup_vs_topk_sae`: one frozen-mode codebook step (snap, reconstruction MSE,
    backward, AdamW) on cached `hook_mlp_out` activations vs one SAELens `TopKTrainingSAE`
    training step (training_forward_pass, backward, AdamW) at equal width and k on the same
@@ -86,6 +87,13 @@ def trainer_step_fn(sites: list[str], tokens: torch.Tensor, quick: bool) -> tupl
     return step, dict(trainer.codebooks)
 
 
+def best(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Top-k ids of the last axis; for k=1 the max, about 3x faster than topk(1) on CPU."""
+    if k == 1:
+        return scores.max(-1, keepdim=True).indices
+    return scores.topk(k, dim=-1).indices
+
+
 def bare_codebook_work_fn(codebooks: dict[str, Codebook], n_tokens: int) -> Callable[[], None]:
     """Per codebook, at its shapes: scores of all tokens against all codes (batched matmuls over
     chunks of `chunk_size` tokens), the top-k, and the gather-mean of the chosen codes, forward
@@ -106,7 +114,7 @@ def bare_codebook_work_fn(codebooks: dict[str, Codebook], n_tokens: int) -> Call
                 keys = codes.transpose(1, 2)
                 ids = torch.cat(
                     [
-                        torch.bmm(x[:, i : i + chunk], keys).topk(k, dim=-1).indices
+                        best(torch.bmm(x[:, i : i + chunk], keys), k)
                         for i in range(0, x.shape[1], chunk)
                     ],
                     dim=1,
