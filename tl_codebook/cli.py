@@ -73,8 +73,6 @@ def user_error_message(err: BaseException) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run `tl-codebook`; every user error is one line on stderr and exit code 2."""
-    from tl_codebook.files import RunDirLockedError
-
     parser = build_parser()
     parser.add_argument(
         "--traceback", action="store_true", help="show the full traceback of an error"
@@ -85,7 +83,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     try:
         return int(args.func(args) or 0)
-    except (*USER_ERRORS, RunDirLockedError) as err:
+    except USER_ERRORS as err:
         if args.traceback:
             raise
         print(f"tl-codebook {args.command}: error: {user_error_message(err)}", file=sys.stderr)

@@ -146,8 +146,9 @@ def check_safe_name(name: str, what: str = "name") -> str:
     return name
 
 
-class RunDirLockedError(RuntimeError):
-    """Another process holds the run directory's lock."""
+class RunDirLockedError(OSError):
+    """Another process holds the run directory's lock (an OSError: a resource in use, which
+    the CLI reports as a one-line user error)."""
 
 
 @contextmanager
