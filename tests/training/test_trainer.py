@@ -519,3 +519,25 @@ def test_dead_codes_are_never_reseeded_at_excluded_positions(tiny_cfg):
     revived = distance_to_ordinary < 1e-3  # cdist rounding
     assert revived.sum() >= 28
     assert torch.cdist(cb.codes[0], model.embed.W_E[:1]).min() > 50
+
+
+def test_resume_refuses_a_steps_change_that_would_change_the_result(tiny_cfg, tmp_path):
+    """Defect 2: `steps` drives the cosine/linear decay, so it may change on resume only under
+    the constant schedule, and never to below the checkpoint's step."""
+
+    def run(steps, schedule, out):
+        model = HookedCodebookTransformer(tiny_cfg)
+        config = TrainConfig(
+            mode="frozen", sites=["hook_mlp_out:layers=1"], num_codes=8, steps=steps,
+            schedule=schedule, checkpoint_every=4, out_dir=str(out), progress=False,
+        )  # fmt: skip
+        return train_codebooks(model, random_batches(), config, resume=True)
+
+    run(4, "cosine", tmp_path / "cosine")
+    with pytest.raises(ValueError, match="steps=8 differs from the checkpoint's steps=4, and the "
+                       "'cosine' schedule decays over steps"):  # fmt: skip
+        run(8, "cosine", tmp_path / "cosine")
+    run(4, "constant", tmp_path / "constant")
+    assert run(8, "constant", tmp_path / "constant").steps == 8  # extending: allowed
+    with pytest.raises(ValueError, match="steps=6 is below the checkpoint's step 8"):
+        run(6, "constant", tmp_path / "constant")
