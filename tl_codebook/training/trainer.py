@@ -104,6 +104,7 @@ def train_codebooks_on_activations(
     batches: Iterable[Float[Tensor, "batch d_in"] | Mapping[str, Tensor]],
     config: TrainConfig,
     resume: bool = False,
+    data_id: Any = None,
 ) -> TrainResult:
     """Frozen-mode training of `codebooks` on activations given directly (no model to run).
 
@@ -113,7 +114,8 @@ def train_codebooks_on_activations(
     for a single codebook, or a mapping from codebook name to such rows (all with the same number
     of rows). `config.mode` must be "frozen"; `sites`, `seq_len`, `kl_coef` and
     `exclude_token_ids` need a model and are refused or unused: exclude BOS rows before. The loss
-    is `mse_coef` times each codebook's reconstruction MSE (`mse_reduction`).
+    is `mse_coef` times each codebook's reconstruction MSE (`mse_reduction`). `data_id` names
+    the data in checkpoints, as for `train_codebooks`.
     """
     if config.mode != "frozen":
         raise ValueError(
@@ -135,7 +137,7 @@ def train_codebooks_on_activations(
             "train_codebooks_on_activations needs a Codebook or a non-empty mapping of name to "
             f"Codebook, got {codebooks!r:.80}."
         )
-    return Trainer(CodebookStack(named), batches, config).run(resume=resume)
+    return Trainer(CodebookStack(named), batches, config, data_id=data_id).run(resume=resume)
 
 
 def lr_factor(step: int, config: TrainConfig) -> float:
