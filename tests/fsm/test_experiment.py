@@ -4,18 +4,23 @@ command end to end on the toy preset (it must learn its FSM and steer), seeds, a
 import argparse
 import json
 import math
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
 
 from tl_codebook.cli import main
-from tl_codebook.fsm import FSM, FSMConfig
+from tl_codebook.fsm import FSM, FSMConfig, TokFSMDataset
 from tl_codebook.fsm.cli import add_demo_command, config_from_args
 from tl_codebook.fsm.config import ExperimentConfig
 from tl_codebook.fsm.evaluation import loss_floor
 from tl_codebook.fsm.experiment import run_experiment
+from tl_codebook.fsm.metrics import next_token_loss
 from tl_codebook.fsm.metrics_file import CONTRACT_KEYS, write_metrics
-from tl_codebook.fsm.models import base_train_config, codebook_train_config
+from tl_codebook.fsm.models import base_train_config, codebook_train_config, load_run
 from tl_codebook.fsm.report import write_report
 from tl_codebook.training.metrics_log import MetricsLogger
 
@@ -79,7 +84,7 @@ def test_the_phases_train_with_the_demos_schedule_and_optimiser_settings():
     base = base_train_config(config, None)
     assert (base.mode, base.sites, base.steps, base.lr) == ("joint", [], 1200, 3e-3)
     assert (base.warmup_steps, base.schedule, base.min_lr_fraction) == (100, "cosine", 0.1)
-    assert base.model_weight_decay == 0.1
+    assert (base.model_weight_decay, base.bf16_autocast) == (0.1, False)
     tune = codebook_train_config(config, fsm, None)
     assert [(s.at, s.group) for s in tune.sites[:2]] == [
         ("blocks.0.attn.hook_z", True),
@@ -89,7 +94,7 @@ def test_the_phases_train_with_the_demos_schedule_and_optimiser_settings():
     assert (tune.lr, tune.model_lr_factor, tune.codebook_weight_decay) == (1e-3, 0.1, 0.01)
     assert (tune.warmup_steps, tune.schedule, tune.min_lr_fraction) == (50, "cosine", 0.1)
     assert (tune.codebook_init, tune.exclude_token_ids) == ("kmeans", [fsm.bos_token])
-    assert (tune.num_codes, tune.k) == (128, 1)
+    assert (tune.num_codes, tune.k, tune.bf16_autocast) == (128, 1, False)
 
 
 def test_cli_options_build_the_config(capsys):
@@ -216,6 +221,18 @@ def test_the_toy_demo_writes_the_contract_files_and_keys(toy_run):
     assert summary["intervention_success"] == metrics["intervention_success"]
 
 
+def test_a_finished_run_loads_back_with_the_losses_it_measured(toy_run):
+    out, _ = toy_run
+    metrics = json.loads((out / "metrics.json").read_text())
+    fsm, base, model = load_run(out)
+    config = ExperimentConfig.from_dict(metrics["config"])
+    held_out = TokFSMDataset(fsm, config.seq_len, seed=config.seed).held_out(config.n_held_out)
+    assert set(model.codebooks) == set(config.hook_names()) and not base.codebooks
+    for key, loaded in (("base", base), ("codebook", model)):  # metrics.json: 6 digits
+        expected = metrics[key]["next_token_loss"]
+        assert next_token_loss(loaded, held_out) == pytest.approx(expected, abs=1e-6), key
+
+
 def test_a_run_directory_with_results_is_not_overwritten_silently(toy_run, capsys):
     out, _ = toy_run
     before = (out / "metrics.json").read_bytes()
@@ -223,6 +240,8 @@ def test_a_run_directory_with_results_is_not_overwritten_silently(toy_run, capsy
     assert "already holds a TokFSM run (status 'done')" in capsys.readouterr().err
     assert main(["demo", "--resume", "--preset", "toy", "--out", str(out)]) == 2
     assert "drop --preset" in capsys.readouterr().err
+    assert main(["demo", "--resume", "--out", str(out), "--no-progress"]) == 0  # finished: no-op
+    assert "has finished; nothing to resume" in capsys.readouterr().out
     assert (out / "metrics.json").read_bytes() == before
     with pytest.raises(ValueError, match="nothing to resume"):
         run_experiment(quick_toy(), out.parent / "empty", resume=True)
@@ -270,3 +289,32 @@ def test_resume_after_each_phase_gives_the_uninterrupted_results(tmp_path, quick
         resumed = run_experiment(config, out, log=lines.append, resume=True)
         assert without_timings(resumed) == without_timings(quick_run), stop_after
         assert any("finished before, loaded" in line for line in lines)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("phase", ["base", "codebook"])
+def test_a_demo_killed_mid_phase_resumes_to_the_uninterrupted_results(tmp_path, toy_run, phase):
+    """SIGKILL `tl-codebook demo` right after its first checkpoint of `phase`, then --resume:
+    the same numbers as the uninterrupted toy run (the trainer resumes bit-exactly)."""
+    out = tmp_path / "run"
+    first = out / "training" / phase / "checkpoints" / "step-00000050"
+    command = [sys.executable, "-m", "tl_codebook.cli", "demo", "--preset", "toy"]
+    process = subprocess.Popen(
+        [*command, "--out", str(out), "--no-progress"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        while not first.is_dir() and process.poll() is None:
+            time.sleep(0.02)
+        process.send_signal(signal.SIGKILL)
+    finally:
+        process.wait()
+    assert process.returncode == -signal.SIGKILL
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["status"] == "running" and phase not in metrics  # killed inside the phase
+    resumed = run_experiment(
+        ExperimentConfig.toy().replace(progress=False), out, log=lambda _: None, resume=True
+    )
+    uninterrupted = json.loads((toy_run[0] / "metrics.json").read_text())
+    assert without_timings(resumed) == without_timings(uninterrupted)

@@ -28,6 +28,7 @@ from tl_codebook.fsm.metrics_file import METRICS_FILE, read_metrics, write_metri
 from tl_codebook.fsm.models import (
     BASE_MODEL_WEIGHTS,
     CODEBOOK_MODEL_DIR,
+    FSM_FILE,
     TRAINING_DIR,
     build_base_model,
     codebook_train_config,
@@ -51,7 +52,6 @@ from tl_codebook.training.checkpoint import list_checkpoints
 from tl_codebook.training.metrics_log import METRICS_FILE as TRAINING_LOG
 from tl_codebook.training.trainer import CHECKPOINT_DIR, TrainResult
 
-FSM_FILE = "fsm.json"
 RUN_OUTPUTS = (
     METRICS_FILE,
     FSM_FILE,
@@ -86,6 +86,9 @@ def run_experiment(
     device = _resolve_device(config.device)
     with locked_run_dir(out):
         metrics = _start(config, out, resume, overwrite)
+        if metrics.get("status") == "done":
+            log(f"the run in {out} has finished; nothing to resume")
+            return metrics
         previous_threads = torch.get_num_threads()
         if device == "cpu" and config.threads > 0:
             torch.set_num_threads(config.threads)

@@ -3,7 +3,9 @@ training) and its copy with codebooks, fine-tuned jointly (the paper's method).
 
 Both go through the project's one trainer, `train_codebooks`: this module only turns an
 `ExperimentConfig` into the trainer's `TrainConfig`s, so the demo, the comparison and
-`tl-codebook train` share one loop, one learning-rate schedule and one codebook init.
+`tl-codebook train` share one loop, one learning-rate schedule and one codebook init. Both
+phases train in float32 on every device (no bf16 autocast on CUDA): the models are small, and a
+GPU run trains in the precision the CPU run does.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from tl_codebook.training import TrainConfig, train_codebooks
 from tl_codebook.training.sites import SiteSpec
 from tl_codebook.training.trainer import TrainResult
 
+FSM_FILE = "fsm.json"
 BASE_MODEL_WEIGHTS = "base_model/model.safetensors"
 CODEBOOK_MODEL_DIR = "codebook_model"
 TRAINING_DIR = "training"
@@ -63,6 +66,7 @@ def base_train_config(config: ExperimentConfig, out_dir: Path | None) -> TrainCo
         out_dir=None if out_dir is None else str(out_dir),
         log_every=max(1, config.base_steps // 500),
         seed=config.seed,
+        bf16_autocast=False,
         progress=config.progress,
     )
 
@@ -93,6 +97,7 @@ def codebook_train_config(config: ExperimentConfig, fsm: FSM, out_dir: Path | No
         out_dir=None if out_dir is None else str(out_dir),
         log_every=max(1, config.codebook_steps // 500),
         seed=config.seed,
+        bf16_autocast=False,
         progress=config.progress,
     )
 
@@ -162,3 +167,17 @@ def load_codebook_model(base: HookedCodebookTransformer, out: Path) -> HookedCod
     model.load_codebooks(out / CODEBOOK_MODEL_DIR)
     model.eval()
     return model
+
+
+def load_run(
+    out_dir: str | Path, device: str = "cpu"
+) -> tuple[FSM, HookedCodebookTransformer, HookedCodebookTransformer]:
+    """The FSM, the base model and the fine-tuned codebook model of a `tl-codebook demo` run
+    whose two training phases have finished (e.g. to analyse or steer them further)."""
+    from tl_codebook.fsm.metrics_file import read_metrics
+
+    out = Path(out_dir)
+    config = ExperimentConfig.from_dict(read_metrics(out).get("config", {}))
+    fsm = FSM.load(out / FSM_FILE)
+    base = load_base_model(config, fsm, out, device)
+    return fsm, base, load_codebook_model(base, out)

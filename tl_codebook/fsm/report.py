@@ -40,6 +40,11 @@ CONDITION_NAMES = {
 }
 """The steering conditions of `tl_codebook.fsm.steering.evaluate_interventions`, as the report
 names them."""
+INIT_WORDS = {
+    "kmeans": "k-means centres of the base model's activations",
+    "activations": "randomly chosen activations of the base model",
+    "random": "random Gaussian vectors",
+}
 PLOT_CACHE = ".report-plots.json"
 """Digests of each plot's inputs, so an unchanged plot is not drawn again."""
 REFERENCE_NOTE = "reference: 0.975 (paper's k=1 model, N=100/E=10)"
@@ -307,7 +312,7 @@ on by hand.</p>
 {_fmt(metrics.get("seconds"))} s.</p>
 
 <h3>1. Training</h3>
-{_figure(plots, "training", "Next-token loss during training. The base model learns the FSM; the codebook model starts from the base model's weights with codebooks inserted (initialised by k-means on the base model's activations) and is fine-tuned jointly. The dashed line is the task's entropy: no model can do better.")}
+{_figure(plots, "training", "Next-token loss during training. The base model learns the FSM; the codebook model starts from the base model's weights with codebooks inserted (their codes initialised as " + INIT_WORDS.get(cfg.get("codebook_init", ""), "configured") + ") and is fine-tuned jointly. The dashed line is the task's entropy: no model can do better.")}
 {_figure(plots, "accuracy", f"Transition accuracy: the fraction of state-to-state steps in {samples} sampled continuations (temperature 1) that the FSM allows. First-transition accuracy (exact) is the reference implementation's measure: for each state, the overlap of the model's {cfg.get('n_edges', 'E')} most likely next states with the true ones.")}
 
 <h3>2. Which code means "the machine is in state s"?</h3>
@@ -339,7 +344,10 @@ and positions as <code>steer</code>, a code drawn uniformly from that codebook's
 
 <details><summary>Configuration</summary><table>{config_rows}</table></details>
 <p>Files: <code>metrics.json</code> (all numbers), <code>fsm.json</code> (the machine),
-<code>base_model/</code> and <code>codebook_model/</code> (weights, safetensors; load the codebook
-model with <code>HookedCodebookTransformer(cfg).load_codebooks(dir)</code>).</p>
+<code>base_model/</code> and <code>codebook_model/</code> (weights, safetensors; load both
+models with <code>fsm, base, model = tl_codebook.fsm.models.load_run(dir)</code>);
+<code>training/base/</code> and <code>training/codebook/</code> (each phase's training log
+<code>metrics.jsonl</code> and checkpoints, from which <code>tl-codebook demo --resume</code>
+continues a stopped run).</p>
 </body></html>
 """
