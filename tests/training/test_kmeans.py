@@ -101,7 +101,7 @@ def test_fewer_samples_than_clusters_names_both_numbers():
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"init": "farthest"}, r"init must be one of \('kmeans\+\+', 'random'\), got 'farthest'"),
+        ({"init": "farthest"}, "k-means init='farthest' is not one of kmeans\\+\\+, random"),
         ({"batch_size": 0}, "batch_size must be >= 1"),
         ({"n_iters": -1}, "n_iters must be >= 0"),
         ({"num_clusters": 0}, "num_clusters must be >= 1"),

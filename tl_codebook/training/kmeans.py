@@ -9,6 +9,8 @@ from einops import rearrange
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
+from tl_codebook.configs import check_choice
+
 KMEANS_INITS = ("kmeans++", "random")
 
 # Entries of a (groups, samples, clusters) distance block computed at once: 64 MiB in float32.
@@ -67,8 +69,7 @@ def kmeans_grouped(
         raise ValueError(f"n_iters must be >= 0, got {n_iters}")
     if batch_size is not None and batch_size < 1:
         raise ValueError(f"batch_size must be >= 1 or None (full batch), got {batch_size}")
-    if init not in KMEANS_INITS:
-        raise ValueError(f"init must be one of {KMEANS_INITS}, got {init!r}")
+    check_choice("k-means init", init, KMEANS_INITS)
     if not torch.isfinite(samples).all():
         raise ValueError("k-means samples contain NaN or infinite values")
 
