@@ -541,3 +541,13 @@ def test_resume_refuses_a_steps_change_that_would_change_the_result(tiny_cfg, tm
     assert run(8, "constant", tmp_path / "constant").steps == 8  # extending: allowed
     with pytest.raises(ValueError, match="steps=6 is below the checkpoint's step 8"):
         run(6, "constant", tmp_path / "constant")
+
+
+def test_token_ids_outside_the_vocabulary_are_named(tiny_cfg):
+    model = HookedCodebookTransformer(tiny_cfg)
+    config = TrainConfig(mode="joint", steps=1, progress=False)
+    bad = torch.tensor([[1, 2, 11], [0, 1, 2]])
+    with pytest.raises(ValueError, match=r"vocabulary \[0, 11\); a batch holds ids from 0 to 11"):
+        train_codebooks(model, iter([bad]), config)
+    with pytest.raises(ValueError, match="a batch holds ids from -1 to 2"):
+        train_codebooks(model, iter([bad.clamp_max(2) - (bad == 0).long()]), config)

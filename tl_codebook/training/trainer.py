@@ -265,6 +265,12 @@ class TokenInputs:
             )
         if tokens.numel() == 0:
             raise ValueError(f"A token batch of shape {tuple(tokens.shape)} holds no tokens.")
+        low, high = int(tokens.min()), int(tokens.max())
+        if low < 0 or high >= self.model.cfg.d_vocab:
+            raise ValueError(
+                f"Token ids must lie in the model's vocabulary [0, {self.model.cfg.d_vocab}); "
+                f"a batch holds ids from {low} to {high}."
+            )
         seq_len = self.config.seq_len
         if seq_len is not None:
             if tokens.shape[1] < seq_len:
