@@ -34,8 +34,9 @@ FSM_FILE = "fsm.json"
 BASE_MODEL_DIR = "base_model"
 MODEL_WEIGHTS = "model.safetensors"
 MODEL_CONFIG = "config.json"
-_EVAL_STREAM_OFFSET = 100
-"""`tokens(split="train")` reads the training stream of seed + this (apart from the model's own)."""
+_STORE_STREAM_OFFSET = 100
+"""`tokens(split="train")` reads the training stream of seed + this, apart from the stream the
+default model trains on (seed itself)."""
 
 
 class TokFSMTask(Task):
@@ -82,7 +83,7 @@ class TokFSMTask(Task):
             raise ValueError(f"n_sequences must be an integer >= 1, got {n_sequences!r}.")
         if split == "eval":
             return TokFSMDataset(self.fsm, self.seq_len, seed=seed).held_out(n_sequences, seed)
-        dataset = TokFSMDataset(self.fsm, self.seq_len, seed=seed + _EVAL_STREAM_OFFSET)
+        dataset = TokFSMDataset(self.fsm, self.seq_len, seed=seed + _STORE_STREAM_OFFSET)
         return next(dataset.batches(n_sequences))
 
     # -- steering -------------------------------------------------------------------------------
