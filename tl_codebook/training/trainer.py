@@ -248,13 +248,15 @@ class TokenInputs:
                     p.requires_grad_(False)
                     self.frozen_names.append(n)
 
-    def end(self) -> None:
+    def end(self, trained: bool) -> None:
+        """Restore `requires_grad`; after joint steps the model's weights are its own (saved
+        with its codebooks: `fine_tuned`)."""
         params = dict(self.model.named_parameters())
         for n in self.frozen_names:
             params[n].requires_grad_(True)
         self.frozen_names = []
         self.model.eval()
-        if self.config.mode == "joint":
+        if self.config.mode == "joint" and trained:
             self.model.fine_tuned = True  # type: ignore[assignment]
 
     def prepare(self, batch: Any) -> Tensor:
@@ -449,7 +451,7 @@ class ActivationInputs:
     def begin(self, is_codebook: Callable[[str], bool]) -> None:
         pass
 
-    def end(self) -> None:
+    def end(self, trained: bool) -> None:
         self.stack.eval()
 
     def prepare(self, batch: Any) -> Rows:
@@ -668,7 +670,7 @@ class Trainer:
                 logger.close()
             if wandb_run is not None:
                 wandb_run.finish()
-            self.inputs.end()
+            self.inputs.end(trained=self.step_index > 0)
         return TrainResult(
             steps=self.step_index,
             final_loss=loss_value,
