@@ -2,6 +2,8 @@
 refusals of --resume, the data's identity, damaged checkpoints and the atomic codebooks/."""
 
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -144,12 +146,32 @@ def test_summary_is_strict_json_when_no_step_is_left(tmp_path, inputs):
     assert summary["steps"] == 4 and summary["final_loss"] is None
 
 
-def test_a_run_dir_in_use_fails_at_once(tmp_path, inputs, capsys):
+HOLD_LOCK = """
+import fcntl, os, sys, time
+fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT)
+fcntl.flock(fd, fcntl.LOCK_EX)
+print("locked", flush=True)
+time.sleep(120)
+"""
+
+
+def test_a_run_dir_in_use_by_another_process_fails_at_once(tmp_path, inputs, capsys):
     out = tmp_path / "run"
-    with locked_run_dir(out):  # another `train` holding --out
+    out.mkdir()
+    holder = subprocess.Popen(  # another process holding --out's lock, as a running train does
+        [sys.executable, "-c", HOLD_LOCK, str(out / ".lock")], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout.readline() == "locked\n"
         assert train(inputs, out) == 2
+    finally:
+        holder.kill()
+        holder.wait()
     assert "is in use by another process" in error_line(capsys)
     assert snapshot(out) == {}
+    with locked_run_dir(out):  # and in this process: the lock is per open, not per process
+        assert train(inputs, out) == 2
+    assert "is in use by another process" in error_line(capsys)
 
 
 def test_damaged_latest_checkpoint_resumes_from_the_previous_one(tmp_path, inputs, capsys):
