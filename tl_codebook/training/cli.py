@@ -1,7 +1,8 @@
 """`tl-codebook train`: the trainer from the command line, with options a newcomer can follow.
 
 Builds a model (`--model`), a token stream (`--dataset`), a `TrainConfig` from the flags, runs
-`train_codebooks`, and saves the codebooks (plus fine-tuned weights in joint mode) to `--out`.
+`train_codebooks`, and saves the codebooks (plus fine-tuned weights in joint mode) to `--out`,
+holding its lock and never mixing with or destroying another run's results (`run_dir`).
 """
 
 from __future__ import annotations
@@ -26,7 +27,10 @@ EXAMPLES = """examples:
 site specs (--at): SITE[:group][:key=value...]; SITE relative to blocks.L (hook_mlp_out,
 attn.hook_z, hook_resid_post) or a full hook name; keys num_codes, k, similarity, layers
 (all | 3 | 0-2 | 1,3), reconstruction_coef, commitment_coef. Under torchrun, training is
-data-parallel (each rank gets an equal slice of every batch)."""
+data-parallel (each rank gets an equal slice of every batch, rank 0 alone writes --out).
+
+run directory (--out): one run at a time holds it; a fresh run over earlier results needs
+--overwrite; --resume continues from the latest complete checkpoint on the same data only."""
 
 
 def add_train_command(parser: argparse.ArgumentParser) -> None:
