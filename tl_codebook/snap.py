@@ -104,6 +104,8 @@ def select_codes(
     One score buffer of `chunk_size x groups x num_codes` floats is reused across chunks, so the
     peak is one chunk (chunk_size / rows of the full score matrix), not two.
     `disabled` codes get score -inf, so the next best codes are chosen instead (ablation).
+    With k = 1 the selection is an argmax (the paper's TokFSM setting; the trainer benchmark
+    found topk(1) to be most of the gap to the unavoidable cost).
     """
     check_similarity(similarity)
     rows, groups, _ = x.shape
@@ -127,7 +129,11 @@ def select_codes(
                 scores.mul_(scale.unsqueeze(1))
             if bias is not None:
                 scores.add_(bias.unsqueeze(1))
-            ids[start : start + step] = scores.topk(k, dim=-1).indices.transpose(0, 1)
+            if k == 1:  # argmax is ~3x faster than topk(1) on CPU; first index on ties
+                best = scores.argmax(dim=-1, keepdim=True)
+            else:
+                best = scores.topk(k, dim=-1).indices
+            ids[start : start + step] = best.transpose(0, 1)
     return ids
 
 
