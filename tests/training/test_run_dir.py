@@ -65,6 +65,8 @@ def test_fresh_run_over_results_is_refused_unless_overwrite(tmp_path, inputs, ca
     assert "already holds the results of a run (summary.json, metrics.jsonl, checkpoints" in err
     assert "--overwrite" in err
     assert snapshot(out) == before  # nothing cut, nothing mixed
+    assert train(inputs, out, "--resume", "--overwrite") == 2
+    assert "--resume continues the run in --out and --overwrite replaces it" in error_line(capsys)
     assert train(inputs, out, "--steps", "3", "--checkpoint-every", "3", "--overwrite") == 0
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["latest", "step-00000003"]
     assert [r["step"] for r in map(json.loads, (out / "metrics.jsonl").open())] == [1, 2, 3]
