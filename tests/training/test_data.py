@@ -224,16 +224,6 @@ def test_hub_names_go_to_load_dataset_streaming(monkeypatch):
     assert calls == [("someone/corpus", "en", "validation", True)]
 
 
-@pytest.mark.parametrize(("bad", "where"), [(20, "batch 1"), (-1, "batch 1")])
-def test_token_ids_outside_the_vocabulary_name_the_id(bad, where):
-    stream = token_batches([[1, 2], [3, bad]], 1, 2, prepend_bos=False, vocab_size=11)
-    assert next(stream).tolist() == [[1, 2]]
-    with pytest.raises(ValueError, match=rf"token id {bad} in {where} .* vocabulary \[0, 11\)"):
-        next(stream)
-    with pytest.raises(ValueError, match=r"BOS token id 11 is outside the model's vocabulary"):
-        token_batches([[1, 2]], 1, 2, bos_token_id=11, vocab_size=11)
-
-
 @pytest.mark.parametrize(("text", "message"), [("", "is empty"), ("\n", "holds no records")])
 def test_empty_jsonl_file_is_a_clear_error(tmp_path, text, message):
     path = tmp_path / "data.jsonl"

@@ -191,6 +191,11 @@ def run_train_command(args: argparse.Namespace) -> int:
             architecture=args.architecture,
             trust_remote_code=args.trust_remote_code,
         )
+        if args.bos_token_id is not None and args.bos_token_id >= model.cfg.d_vocab:
+            raise ValueError(
+                f"BOS token id {args.bos_token_id} is outside the model's vocabulary "
+                f"[0, {model.cfg.d_vocab})."
+            )
         data = token_batches(
             args.dataset,
             batch_size=args.batch_size,
@@ -200,7 +205,6 @@ def run_train_command(args: argparse.Namespace) -> int:
             split=args.split,
             bos_token_id=args.bos_token_id,
             prepend_bos=model.tokenizer is not None or args.bos_token_id is not None,
-            vocab_size=model.cfg.d_vocab,
         )
         data_id = {
             **source_identity(args.dataset, args.split, args.text_column),

@@ -76,14 +76,12 @@ class TokenBatchStream:
         seq_len: int,
         repeat: bool,
         description: str,
-        vocab_size: int | None = None,
     ):
         self.batch_size = batch_size
         self.seq_len = seq_len
         self.repeat = repeat
         self._make_rows = make_rows
         self.description = description
-        self.vocab_size = vocab_size
         self._rows: Iterator[Tensor] | None = None
         self._yielded = 0
 
@@ -102,13 +100,8 @@ class TokenBatchStream:
                     f"documents)"
                 )
             raise StopIteration
-        batch = torch.stack(rows)
-        if self.vocab_size is not None:
-            _check_vocabulary(
-                batch, self.vocab_size, f"batch {self._yielded} of {self.description}"
-            )
         self._yielded += 1
-        return batch
+        return torch.stack(rows)
 
     def _take_rows(self) -> list[Tensor]:
         assert self._rows is not None
@@ -145,7 +138,6 @@ def token_batches(
     separator_token_id: int | None = None,
     pack: bool = True,
     repeat: bool = False,
-    vocab_size: int | None = None,
 ) -> TokenBatchStream:
     """Batches of token rows `Int[Tensor, "batch_size seq_len"]` from any of these sources:
 
@@ -160,9 +152,6 @@ def token_batches(
     BOS and separator ids defaulting to the tokenizer's BOS and EOS. With `pack=False` every
     sequence must already be a row of `seq_len` tokens, used as is. `repeat` starts the source
     again at its end (not possible for a one-shot iterator). Empty documents are dropped.
-    With `vocab_size` (the model's `d_vocab`) every token id, BOS and separator included, must
-    lie in `[0, vocab_size)`: an id outside would index past the embedding, or (negative)
-    silently read its last rows.
     """
     if seq_len < 1:
         raise ValueError(f"seq_len must be >= 1, got {seq_len}")
@@ -175,13 +164,6 @@ def token_batches(
         )
     if pack:
         _body_length(seq_len, prepend_bos, bos_token_id)  # validate before any data is read
-    if vocab_size is not None:
-        for what, token_id in (("BOS", bos_token_id), ("separator", separator_token_id)):
-            if token_id is not None and not 0 <= token_id < vocab_size:
-                raise ValueError(
-                    f"{what} token id {token_id} is outside the model's vocabulary "
-                    f"[0, {vocab_size})."
-                )
 
     make_documents, description = _document_source(
         source, tokenizer, text_column, split, dataset_config, repeat
@@ -195,7 +177,7 @@ def token_batches(
             )
         return _exact_rows(documents, seq_len)
 
-    return TokenBatchStream(make_rows, batch_size, seq_len, repeat, description, vocab_size)
+    return TokenBatchStream(make_rows, batch_size, seq_len, repeat, description)
 
 
 def _document_source(
@@ -310,15 +292,6 @@ def source_identity(
     else:
         identity.update(dataset=str(source), split=split, dataset_config=dataset_config)
     return identity
-
-
-def _check_vocabulary(batch: Tensor, vocab_size: int, where: str) -> None:
-    outside = (batch < 0) | (batch >= vocab_size)
-    if bool(outside.any()):
-        bad = int(batch[outside][0])
-        raise ValueError(
-            f"token id {bad} in {where} is outside the model's vocabulary [0, {vocab_size})."
-        )
 
 
 def _exact_rows(documents: Iterable[Tensor], seq_len: int) -> Iterator[Tensor]:
