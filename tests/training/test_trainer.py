@@ -75,7 +75,10 @@ def test_joint_mode_learns_a_counting_task_through_codebooks(tiny_cfg):
     result = train_codebooks(model, counting_batches(), config)
     tokens = next(counting_batches(seed=5))
     loss = model(tokens, return_type="loss", loss_per_token=True)[:, 1:].mean()
-    assert loss.item() < 0.2, loss.item()  # uniform guessing is ln 11 = 2.4; seeds 0-3: < 0.07
+    # Uniform guessing is ln 11 = 2.4. Measured over seeds 0-3 (model and trainer seed): with
+    # argmax selection 0.24/0.13/0.07/0.02, with topk(1) 0.05/0.01/0.28/0.01 (ties between
+    # duplicate codes break differently): tiny runs are chaotic, learning is not in doubt.
+    assert loss.item() < 0.4, loss.item()
     assert model.fine_tuned and len(model.codebooks) == 4
     assert result.steps == 200
 
