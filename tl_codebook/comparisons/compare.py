@@ -136,7 +136,7 @@ class ComparisonResult:
     details: dict[str, dict[str, Any]] = field(default_factory=dict)
     """Per method: latent densities and their histogram, mean active values, per-state scores."""
     agreement: list[dict[str, Any]] = field(default_factory=list)
-    """Per codebook trained both ways: how far our loop and SAELens' trainer agree."""
+    """Per codebook trained both ways: how far our trainer and SAELens' trainer agree."""
     config: dict[str, Any] = field(default_factory=dict)
     """The ComparisonConfig, the stores and the model, as a dict."""
     methods: dict[str, TrainedMethod] = field(default_factory=dict, repr=False)

@@ -43,7 +43,7 @@ from tl_codebook.snap import check_similarity
 from tl_codebook.training.config import CODEBOOK_INITS
 
 METHOD_KINDS: dict[str, str] = {
-    "codebook": "codebook (k codes, mean), trained by our loop on the store",
+    "codebook": "codebook (k codes, mean), trained by our trainer on the store",
     "codebook_saelens": "the same codebook, trained by SAELens' SAETrainer (architecture 'codebook')",
     "topk": "SAELens TopK SAE (the closest analogue of a codebook)",
     "batchtopk": "SAELens BatchTopK SAE (k active on average over a batch; runs as JumpReLU)",
@@ -664,7 +664,7 @@ def _fit(trainer: Any, name: str, progress: bool) -> Any:
         trainer.n_training_steps += 1
         bar.update(trainer.n_training_samples - bar.n)
         if trainer.n_training_steps % 20 == 1:
-            bar.set_postfix(loss=f"{float(output.loss):.4g}")
+            bar.set_postfix(loss=f"{float(output.loss.detach()):.4g}")
     bar.close()
     trainer.set_final_sae_metadata()
     return trainer.sae

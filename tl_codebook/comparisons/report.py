@@ -270,7 +270,7 @@ def notes(result: ComparisonResult) -> list[str]:
         )
     for a in result.agreement:
         lines.append(
-            f"Codebook trained by our loop (`{a['ours']}`) vs by SAELens' SAETrainer "
+            f"Codebook trained by our trainer (`{a['ours']}`) vs by SAELens' SAETrainer "
             f"(`{a['saelens']}`): same codes on {a['same_codes_fraction']:.1%} of evaluation "
             f"tokens, largest code difference {a['max_code_difference']:.2g} of the largest code "
             f"norm, explained-variance difference {_fmt(a.get('explained_variance_difference'))}, "
