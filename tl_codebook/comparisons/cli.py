@@ -38,7 +38,7 @@ from tl_codebook.tasks import TASKS, Task, task_class
 
 EXAMPLES = (
     """examples:
-  # the embedded default: a TokFSM model trained here, 4 methods at k=1 and k=4 (~3 min on 2 cores)
+  # the embedded default: a TokFSM model trained here, 4 methods at k=1 and k=4 (~2 min on 2 cores)
   tl-codebook compare --out runs/compare
 
   # a model saved by `tl-codebook demo`, another hook, TopK and codebooks only, wider
