@@ -24,6 +24,8 @@ _LAZY = {
     "steering_codes": "tl_codebook.fsm.steering",
     "summarize_state_codes": "tl_codebook.fsm.steering",
     "write_report": "tl_codebook.fsm.report",
+    "TokFSMTask": "tl_codebook.fsm.task",
+    "load_run": "tl_codebook.fsm.models",
 }
 
 
@@ -41,10 +43,12 @@ __all__ = [
     "FSMConfig",
     "PRESETS",
     "TokFSMDataset",
+    "TokFSMTask",
     "TransitionAccuracy",
     "determined_states",
     "evaluate_interventions",
     "first_transition_accuracy_exact",
+    "load_run",
     "next_token_loss",
     "run_experiment",
     "sample_sequences",
