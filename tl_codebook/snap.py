@@ -10,25 +10,19 @@ gather-mean is `F.embedding_bag(mode="mean")`, which never materialises `[tokens
 
 from __future__ import annotations
 
-import difflib
-
 import torch
 import torch.nn.functional as F
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
+
+from tl_codebook.configs import check_choice
 
 SIMILARITIES = ("inner_product", "cosine", "euclidean")
 
 
 def check_similarity(similarity: str) -> str:
     """Return `similarity` if it is known, else raise a ValueError naming the valid choices."""
-    if similarity not in SIMILARITIES:
-        close = difflib.get_close_matches(str(similarity), SIMILARITIES, n=1)
-        hint = f" Did you mean {close[0]!r}?" if close else ""
-        raise ValueError(
-            f"Unknown similarity {similarity!r}; valid choices are {', '.join(SIMILARITIES)}.{hint}"
-        )
-    return similarity
+    return check_choice("similarity", similarity, SIMILARITIES)
 
 
 def norm_floor(dtype: torch.dtype) -> float:
