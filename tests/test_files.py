@@ -99,13 +99,29 @@ def test_unsafe_names_are_refused_with_the_name(name):
         check_safe_name(name, "method name")
 
 
-def test_run_dir_lock_is_exclusive_and_released(tmp_path):
-    with locked_run_dir(tmp_path / "run"):
-        with pytest.raises(RunDirLockedError, match="in use by another process"):
-            with locked_run_dir(tmp_path / "run"):
-                pass
-    with locked_run_dir(tmp_path / "run"):  # released on exit
-        pass
+def test_run_dir_lock_is_re_entrant_in_one_process_and_released(tmp_path):
+    run = tmp_path / "run"
+    with locked_run_dir(run):
+        with locked_run_dir(tmp_path / "." / "run"):  # the same directory, nested: passes
+            pass
+        assert _held_elsewhere(run)  # still held after the nested block left
+    assert not _held_elsewhere(run)  # released on exit
+
+
+def _held_elsewhere(run) -> bool:
+    """Whether another process finds `run/.lock` locked (plain flock: no package import)."""
+    probe = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import fcntl, os, sys\n"
+            f"fd = os.open({str(run / '.lock')!r}, os.O_RDWR)\n"
+            "try:\n    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)\n"
+            "except BlockingIOError:\n    sys.exit(3)",
+        ],
+        check=False,
+    )
+    return probe.returncode == 3
 
 
 def test_run_dir_lock_is_released_when_its_holder_is_killed(tmp_path):

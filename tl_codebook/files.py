@@ -156,12 +156,17 @@ def locked_run_dir(directory: str | os.PathLike) -> Iterator[Path]:
     """Hold an exclusive, non-blocking lock on `directory` (created if needed) for the block.
 
     Two processes writing one run directory lose data (one deletes the other's temporary files);
-    the second to arrive fails at once with a clear error instead. The lock is an `flock` on
+    the second to arrive fails at once with a clear error instead. Re-entrant within a process
+    (the CLI locks its run directory and the trainer it calls locks it again). The lock is an `flock` on
     `directory/.lock`, released by the OS when the process dies, so a killed run never leaves a
     stale lock behind.
     """
     path = Path(directory)
     path.mkdir(parents=True, exist_ok=True)
+    key = os.path.realpath(path)
+    if key in _HELD_BY_THIS_PROCESS:  # re-entrant: the CLI and the trainer inside it both lock
+        yield path
+        return
     fd = os.open(path / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         try:
@@ -171,6 +176,14 @@ def locked_run_dir(directory: str | os.PathLike) -> Iterator[Path]:
                 f"{str(path)!r} is in use by another process (it holds {LOCK_FILE}); "
                 "wait for it to finish or choose another output directory."
             ) from None
-        yield path
+        _HELD_BY_THIS_PROCESS.add(key)
+        try:
+            yield path
+        finally:
+            _HELD_BY_THIS_PROCESS.discard(key)
     finally:
         os.close(fd)
+
+
+_HELD_BY_THIS_PROCESS: set[str] = set()
+"""Run directories whose lock this process holds (so nested `locked_run_dir` calls pass)."""

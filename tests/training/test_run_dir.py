@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 from tl_codebook import HookedCodebookTransformer
 from tl_codebook.cli import main
-from tl_codebook.files import locked_run_dir
+from tl_codebook.files import RunDirLockedError, locked_run_dir
 from tl_codebook.training import TrainConfig, train_codebooks
 from tl_codebook.training.checkpoint import DamagedCheckpointWarning
 
@@ -171,9 +171,30 @@ def test_a_run_dir_in_use_by_another_process_fails_at_once(tmp_path, inputs, cap
         holder.wait()
     assert "is in use by another process" in error_line(capsys)
     assert snapshot(out) == {}
-    with locked_run_dir(out):  # and in this process: the lock is per open, not per process
-        assert train(inputs, out) == 2
-    assert "is in use by another process" in error_line(capsys)
+
+
+def test_the_python_api_takes_the_run_dirs_lock_too(tmp_path, tiny_cfg):
+    out = tmp_path / "run"
+    out.mkdir()
+    config = TrainConfig(
+        mode="frozen", sites=["hook_mlp_out:layers=1"], num_codes=8, steps=2,
+        out_dir=str(out), progress=False,
+    )  # fmt: skip
+    tokens = torch.randint(0, 11, (2, 8), generator=torch.Generator().manual_seed(0))
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_LOCK, str(out / ".lock")], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout.readline() == "locked\n"
+        with pytest.raises(RunDirLockedError, match="in use by another process"):
+            train_codebooks(HookedCodebookTransformer(tiny_cfg), iter([tokens] * 4), config)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert snapshot(out) == {}
+    with locked_run_dir(out):  # re-entrant in one process: the CLI holds it around the trainer
+        result = train_codebooks(HookedCodebookTransformer(tiny_cfg), iter([tokens] * 4), config)
+    assert result.steps == 2
 
 
 def test_damaged_latest_checkpoint_resumes_from_the_previous_one(tmp_path, inputs, capsys):

@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
 from tl_codebook.codebook import Codebook
+from tl_codebook.files import locked_run_dir
 from tl_codebook.training.checkpoint import (
     ensure_writable,
     load_latest_checkpoint,
@@ -237,6 +238,13 @@ class Trainer:
     # -- the run ---------------------------------------------------------------------------------
 
     def run(self, resume: bool = False) -> TrainResult:
+        """Train to `config.steps`; the main rank holds `out_dir`'s lock for the whole run, so a
+        second process training into the same directory fails at once instead of mixing runs."""
+        holds_dir = self.out_dir is not None and self.dist.is_main
+        with locked_run_dir(self.out_dir) if holds_dir else nullcontext():  # type: ignore[arg-type]
+            return self._run(resume)
+
+    def _run(self, resume: bool) -> TrainResult:
         cfg = self.config
         torch.manual_seed(cfg.seed)
         self.inputs.begin(self._is_codebook)
