@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 from contextlib import nullcontext
 from pathlib import Path
+from typing import Any
 
 from tl_codebook.training.config import CODEBOOK_INITS, MODES, SCHEDULES, TrainConfig
 from tl_codebook.training.sites import parse_site
@@ -37,33 +38,8 @@ def add_train_command(parser: argparse.ArgumentParser) -> None:
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.epilog = EXAMPLES
     what = parser.add_argument_group("what to train")
-    what.add_argument(
-        "--model",
-        required=True,
-        help="TransformerLens model name, local HF model dir, or a HookedTransformerConfig .json",
-    )
-    what.add_argument(
-        "--architecture", help="TransformerLens name of a local HF model dir's architecture"
-    )
-    what.add_argument(
-        "--trust-remote-code",
-        action="store_true",
-        help="let the model's or tokenizer's files run their own Python code (off: a config "
-        "file asking for it is refused)",
-    )
-    what.add_argument(
-        "--dataset",
-        required=True,
-        help="HF hub dataset name, or a local .txt/.json/.jsonl/.parquet file",
-    )
-    what.add_argument("--text-column", default="text")
-    what.add_argument("--split", default="train")
-    what.add_argument(
-        "--bos-token-id",
-        type=int,
-        default=None,
-        help="BOS id to start each packed row with (default: the tokenizer's; none without one)",
-    )
+    add_model_arguments(what)
+    add_data_arguments(what)
     what.add_argument(
         "--at", action="append", default=[], metavar="SITE", help="codebook site spec (repeatable)"
     )
@@ -131,6 +107,86 @@ def add_train_command(parser: argparse.ArgumentParser) -> None:
     parser.set_defaults(func=run_train_command)
 
 
+def add_model_arguments(group: Any, required: bool = True) -> None:
+    """--model, --architecture, --trust-remote-code: how `load_model` finds a model (shared by
+    `train` and `cache`)."""
+    group.add_argument(
+        "--model",
+        required=required,
+        help="TransformerLens model name, local HF model dir, or a HookedTransformerConfig .json",
+    )
+    group.add_argument(
+        "--architecture", help="TransformerLens name of a local HF model dir's architecture"
+    )
+    group.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="let the model's or tokenizer's files run their own Python code (off: a config "
+        "file asking for it is refused)",
+    )
+
+
+def add_data_arguments(
+    group: Any, flags: tuple[str, ...] = ("--dataset",), required: bool = True
+) -> None:
+    """The data flags (`flags` names the source; dest `dataset`), --text-column, --split,
+    --bos-token-id: what `token_batches_from_args` reads (shared by `train` and `cache`)."""
+    group.add_argument(
+        *flags,
+        dest="dataset",
+        required=required,
+        help="HF hub dataset name, or a local .txt/.json/.jsonl/.parquet file",
+    )
+    group.add_argument("--text-column", default="text")
+    group.add_argument("--split", default="train")
+    group.add_argument(
+        "--bos-token-id",
+        type=int,
+        default=None,
+        help="BOS id to start each packed row with (default: the tokenizer's; none without one)",
+    )
+
+
+def token_batches_from_args(
+    args: argparse.Namespace, model: Any, batch_size: int, seq_len: int
+) -> tuple[Any, dict[str, Any]]:
+    """The token stream the data flags describe for `model` (its tokenizer, BOS, vocabulary),
+    and the identity of that data (what checkpoints and caches record)."""
+    from tl_codebook.training.data import source_identity, token_batches
+
+    if args.bos_token_id is not None and not 0 <= args.bos_token_id < model.cfg.d_vocab:
+        raise ValueError(
+            f"BOS token id {args.bos_token_id} is outside the model's vocabulary "
+            f"[0, {model.cfg.d_vocab})."
+        )
+    data = token_batches(
+        args.dataset,
+        batch_size=batch_size,
+        seq_len=seq_len,
+        tokenizer=model.tokenizer,
+        text_column=args.text_column,
+        split=args.split,
+        bos_token_id=args.bos_token_id,
+        prepend_bos=model.tokenizer is not None or args.bos_token_id is not None,
+    )
+    data_id = {
+        **source_identity(args.dataset, args.split, args.text_column),
+        "bos_token_id": args.bos_token_id,
+    }
+    return data, data_id
+
+
+def model_spec(args: argparse.Namespace) -> dict[str, Any]:
+    """The model flags as a run records them: a local file or directory as an absolute path (a
+    run read from elsewhere still finds it), a hub name as given. `--trust-remote-code` is not
+    recorded: a saved file never allows code to run."""
+    path = Path(args.model)
+    return {
+        "model": str(path.resolve()) if path.exists() else args.model,
+        "architecture": args.architecture,
+    }
+
+
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     """The TrainConfig the flags describe (validated: bad values fail here, before any work)."""
     if args.bos_token_id is not None and args.bos_token_id < 0:
@@ -174,7 +230,6 @@ def run_train_command(args: argparse.Namespace) -> int:
     """
     from tl_codebook.files import atomic_directory, atomic_write_json, json_text, locked_run_dir
     from tl_codebook.io import load_model
-    from tl_codebook.training.data import source_identity, token_batches
     from tl_codebook.training.distributed import device_for_rank, dist_info_from_env
     from tl_codebook.training.run_dir import prepare_run_dir
     from tl_codebook.training.trainer import train_codebooks
@@ -191,25 +246,7 @@ def run_train_command(args: argparse.Namespace) -> int:
             architecture=args.architecture,
             trust_remote_code=args.trust_remote_code,
         )
-        if args.bos_token_id is not None and args.bos_token_id >= model.cfg.d_vocab:
-            raise ValueError(
-                f"BOS token id {args.bos_token_id} is outside the model's vocabulary "
-                f"[0, {model.cfg.d_vocab})."
-            )
-        data = token_batches(
-            args.dataset,
-            batch_size=args.batch_size,
-            seq_len=args.seq_len,
-            tokenizer=model.tokenizer,
-            text_column=args.text_column,
-            split=args.split,
-            bos_token_id=args.bos_token_id,
-            prepend_bos=model.tokenizer is not None or args.bos_token_id is not None,
-        )
-        data_id = {
-            **source_identity(args.dataset, args.split, args.text_column),
-            "bos_token_id": args.bos_token_id,
-        }
+        data, data_id = token_batches_from_args(args, model, args.batch_size, args.seq_len)
         result = train_codebooks(model, data, config, resume=args.resume, data_id=data_id)
         if not is_main:
             return 0
@@ -221,6 +258,7 @@ def run_train_command(args: argparse.Namespace) -> int:
             "final_loss": result.final_loss,  # NaN (no step run) is written as null
             "codebooks": sorted(result.codebooks),
             "saved_to": str(saved),
+            "model": model_spec(args),  # what `tl-codebook cache RUN` loads the model from
         }
         atomic_write_json(out / "summary.json", summary)
     print(json_text(summary))
