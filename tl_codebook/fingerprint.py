@@ -1,4 +1,5 @@
-"""The identity of a model's weights, so a store is only ever read for the model it was built from."""
+"""The identity of a model's weights, so a store or a code cache is only ever read for the model
+it was built from (neutral ground: both `comparisons` and `analysis` import it)."""
 
 from __future__ import annotations
 
@@ -29,5 +30,6 @@ def model_fingerprint(model: torch.nn.Module) -> str:
 
 
 def model_name_of(model: torch.nn.Module) -> str:
+    """The name a manifest records: `cfg.model_name` when the model has one, else its class."""
     cfg = getattr(model, "cfg", None)
     return str(getattr(cfg, "model_name", None) or type(model).__name__)
