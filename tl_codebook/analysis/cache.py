@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import torch
-from jaxtyping import Int
+from jaxtyping import Int, Integer
 from numpy.lib.format import open_memmap
 from torch import Tensor
 
@@ -99,8 +99,8 @@ class CodeIndex:
 
 
 def build_index(
-    codes: np.ndarray, num_codes: int, chunk_tokens: int = 1 << 22
-) -> tuple[np.ndarray, np.ndarray]:
+    codes: Integer[np.ndarray, "n_seq pos n_groups k"], num_codes: int
+) -> tuple[Int[np.ndarray, " rows"], Int[np.ndarray, " firings"]]:
     """CSR (offsets, positions) over (group, code) from codes [n_seq, seq_len, n_groups, k].
 
     Per group one stable argsort of the flat ids (numpy's radix sort for uint16 ids): sorting
@@ -224,7 +224,6 @@ def _check_batch(batch: Any) -> Tensor:
     return batch
 
 
-@torch.no_grad()
 def _run(
     model: torch.nn.Module,
     batches: Iterator[Tensor],
@@ -266,7 +265,8 @@ def _run(
             if select is not None and not select(index):
                 continue
             seen.clear()
-            with cast(Any, model).hooks(fwd_hooks=fwd):
+            # a context, not a decorator: the generator runs after the decorated call returns
+            with torch.no_grad(), cast(Any, model).hooks(fwd_hooks=fwd):
                 model(batch.to(device) if device is not None else batch, **kwargs)
             codes: dict[str, np.ndarray] = {}
             scores: dict[str, np.ndarray] = {}
@@ -289,8 +289,9 @@ def _chosen_scores(codebook: Codebook, x: Tensor, ids: Int[Tensor, "... n_groups
     flat_ids = ids.reshape(rows.shape[0], ids.shape[-2], ids.shape[-1])
     step = codebook.cfg.chunk_size
     out = torch.empty(flat_ids.shape, dtype=torch.float32)
+    codes = codebook.codes.detach()
     for start in range(0, rows.shape[0], step):
-        scores = code_scores(rows[start : start + step], codebook.codes, codebook.cfg.similarity)
+        scores = code_scores(rows[start : start + step], codes, codebook.cfg.similarity)
         chosen = scores.gather(-1, flat_ids[start : start + step])
         out[start : start + step] = chosen.float().cpu()
     return out.reshape(ids.shape).numpy().astype(SCORE_DTYPE)
@@ -422,7 +423,9 @@ class CodeCache:
     def build(
         cls,
         model: torch.nn.Module,
-        tokens: Int[Tensor, "n_seq pos"] | Iterable[Int[Tensor, "batch pos"]],
+        tokens: Int[Tensor, "n_seq pos"]
+        | Int[np.ndarray, "n_seq pos"]
+        | Iterable[Int[Tensor, "batch pos"]],
         path: str | Path,
         hooks: str | Sequence[str] | None = None,
         batch_size: int = 32,
