@@ -17,6 +17,14 @@ SUBCOMMANDS: dict[str, tuple[str, SubcommandSetup]] = {}
 
 
 def _register_builtin_commands() -> None:
+    from tl_codebook.analysis.cli import (
+        CACHE_HELP,
+        DASHBOARD_HELP,
+        SEARCH_HELP,
+        add_cache_command,
+        add_dashboard_command,
+        add_search_command,
+    )
     from tl_codebook.comparisons.cli import add_compare_command
     from tl_codebook.fsm.cli import add_demo_command
     from tl_codebook.training.cli import add_train_command
@@ -34,6 +42,9 @@ def _register_builtin_commands() -> None:
             "Codebooks vs SAEs (SAELens) on one shared activation cache: train, score, report.",
             add_compare_command,
         ),
+        "cache": (CACHE_HELP, add_cache_command),
+        "search": (SEARCH_HELP, add_search_command),
+        "dashboard": (DASHBOARD_HELP, add_dashboard_command),
     }
     for name, entry in builtin.items():
         SUBCOMMANDS.setdefault(name, entry)
