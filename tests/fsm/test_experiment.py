@@ -9,9 +9,11 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import torch
 
+from tl_codebook.analysis.cache import CodeCache
 from tl_codebook.cli import main
 from tl_codebook.fsm import FSM, FSMConfig, TokFSMDataset
 from tl_codebook.fsm.cli import add_demo_command, config_from_args
@@ -185,7 +187,13 @@ def test_the_toy_demo_writes_the_contract_files_and_keys(toy_run):
     for key in CONTRACT_KEYS:
         assert type(metrics[key]) is float and 0.0 <= metrics[key] <= 1.0, key
     assert metrics["config"] == ExperimentConfig.toy().replace(progress=False).to_dict()
-    assert set(metrics["phases"]) == {"base", "codebook", "state_codes", "interventions"}
+    assert set(metrics["phases"]) == {
+        "base",
+        "codebook",
+        "state_codes",
+        "interventions",
+        "analysis",
+    }
     assert all(type(v) is float and v > 0 for v in metrics["phases"].values())
     assert {k: v["steps"] for k, v in metrics["training"].items()} == {"base": 400, "codebook": 100}
     assert set(metrics["interventions"]) >= {
@@ -219,6 +227,56 @@ def test_the_toy_demo_writes_the_contract_files_and_keys(toy_run):
     assert all(png in html for png in ("training_curves.png", "interventions.png"))
     summary = json.loads(printed[printed.index("{\n") :])  # after the progress lines
     assert summary["intervention_success"] == metrics["intervention_success"]
+
+
+def test_the_toy_demo_caches_its_codes_and_links_the_code_browser(toy_run):
+    out, _ = toy_run
+    metrics = json.loads((out / "metrics.json").read_text())
+    config = ExperimentConfig.from_dict(metrics["config"])
+    fsm, _, model = load_run(out)
+    held_out = TokFSMDataset(fsm, config.seq_len, seed=config.seed).held_out(config.n_held_out)
+    cache = CodeCache.open(out / "code_cache", model=model)  # built for the run's codebook model
+    np.testing.assert_array_equal(cache.tokens, held_out.numpy())
+    assert cache.hooks == config.hook_names()
+    assert cache.vocab == ["0", "1", "2", "BOS"]  # base 3 digits and BOS
+    with torch.no_grad():  # the cached ids are the ones the model computes
+        _, acts = model.run_with_cache(held_out, names_filter=lambda n: n.endswith("hook_codes"))
+    for hook in cache.hooks:
+        np.testing.assert_array_equal(cache.codes(hook), acts[f"{hook}.hook_codes"].numpy())
+    analysis = metrics["analysis"]
+    for directory, key in (("code_cache", "cache"), ("dashboard", "site")):
+        files = [p for p in (out / directory).rglob("*") if p.is_file()]
+        assert analysis[f"{key}_bytes"] == sum(p.stat().st_size for p in files) > 0, key
+        assert analysis[f"{key}_files"] == len(files), key
+    assert (analysis["n_tokens"], analysis["hooks"]) == (held_out.numel(), len(cache.hooks))
+    assert analysis["dashboard"] == "dashboard/index.html"
+    assert (out / "dashboard" / "index.html").is_file()
+    assert "href='dashboard/index.html'" in (out / "index.html").read_text()
+    # the site is labelled with the FSM states and shows the steering conditions
+    site = "".join(p.read_text() for p in (out / "dashboard").rglob("*.js") if "data" in p.parts)
+    assert "state 5" in site and "force s′'s codes" in site
+
+
+def test_cache_of_a_demo_run_defaults_to_its_held_out_sequences(toy_run, tmp_path, capsys):
+    out, _ = toy_run
+    assert main(["cache", str(out), "--out", str(tmp_path / "c"), "--quiet"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert (
+        summary["n_tokens"]
+        == json.loads((out / "metrics.json").read_text())["analysis"]["n_tokens"]
+    )
+    mine, demo = CodeCache.open(tmp_path / "c"), CodeCache.open(out / "code_cache")
+    np.testing.assert_array_equal(mine.tokens, demo.tokens)
+    for hook in demo.hooks:
+        np.testing.assert_array_equal(mine.codes(hook), demo.codes(hook))
+    site = tmp_path / "site"
+    argv = ["dashboard", str(tmp_path / "c"), "--out", str(site), "--model-dir", str(out)]
+    assert main([*argv, "--quiet"]) == 0
+    assert json.loads(capsys.readouterr().out)["files"] == len(
+        [p for p in site.rglob("*") if p.is_file()]
+    )
+    assert main(["cache", str(out), "--model", "gpt2", "--out", str(tmp_path / "d")]) == 2
+    assert "holds its own model" in capsys.readouterr().err
 
 
 def test_a_finished_run_loads_back_with_the_losses_it_measured(toy_run):
@@ -272,7 +330,7 @@ class Stop(Exception):
 
 def test_resume_after_each_phase_gives_the_uninterrupted_results(tmp_path, quick_run):
     config = quick_toy()
-    for stop_after in ("1/4 base model", "2/4 codebook model"):
+    for stop_after in ("1/5 base model", "2/5 codebook model", "4/5 interventions"):
         out = tmp_path / stop_after[0]
 
         def stop(line: str, prefix: str = stop_after) -> None:

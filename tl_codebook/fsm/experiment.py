@@ -1,7 +1,9 @@
 """The TokFSM experiment end to end: train a base model, fine-tune it jointly with codebooks, find
 each state's code, steer the model through those codes, and write everything to a run directory.
 
-It is the project's main job (`tl-codebook demo`). Each phase saves its results (metrics.json,
+It is the project's main job (`tl-codebook demo`). The last phase keeps the codebook model's code
+ids over the held-out sequences (`code_cache/`, a `CodeCache`) and writes the offline code
+browser (`dashboard/`), labelled with the FSM states. Each phase saves its results (metrics.json,
 weights, the report) before the next starts, and the two training phases checkpoint into
 `training/<phase>/` as they go; so a run killed at any point leaves a readable report of what it
 finished, and `resume=True` (`tl-codebook demo --resume`) continues it: finished phases are
@@ -14,9 +16,12 @@ import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
+from jaxtyping import Int
+from torch import Tensor
 
 from tl_codebook.files import atomic_write_json, locked_run_dir
 from tl_codebook.fsm.config import RUN_ONLY_FIELDS, ExperimentConfig
@@ -40,7 +45,7 @@ from tl_codebook.fsm.models import (
     train_base_model,
     train_codebook_model,
 )
-from tl_codebook.fsm.report import PLOT_CACHE, write_report
+from tl_codebook.fsm.report import PLOT_CACHE, steering_rows, write_report
 from tl_codebook.fsm.steering import (
     evaluate_interventions,
     state_code_scores,
@@ -52,6 +57,15 @@ from tl_codebook.training.checkpoint import list_checkpoints
 from tl_codebook.training.metrics_log import METRICS_FILE as TRAINING_LOG
 from tl_codebook.training.trainer import CHECKPOINT_DIR, TrainResult
 
+if TYPE_CHECKING:
+    from tl_codebook.analysis.cache import CodeCache
+    from tl_codebook.fsm.task import TokFSMTask
+
+CODE_CACHE_DIR = "code_cache"
+"""The codebook model's code ids over the held-out sequences (a `CodeCache`)."""
+DASHBOARD_DIR = "dashboard"
+"""The offline code browser of that cache (`dashboard/index.html`)."""
+
 RUN_OUTPUTS = (
     METRICS_FILE,
     FSM_FILE,
@@ -61,6 +75,8 @@ RUN_OUTPUTS = (
     TRAINING_DIR,
     Path(BASE_MODEL_WEIGHTS).parent.name,
     CODEBOOK_MODEL_DIR,
+    CODE_CACHE_DIR,
+    DASHBOARD_DIR,
 )
 """What a run writes into its directory: exactly what `overwrite=True` removes."""
 
@@ -207,7 +223,7 @@ def _run_phases(
     # 1. the base model
     if isinstance(metrics.get("base"), dict) and (out / BASE_MODEL_WEIGHTS).is_file():
         base = load_base_model(config, fsm, out, device)
-        log("1/4 base model: finished before, loaded")
+        log("1/5 base model: finished before, loaded")
     else:
         base = build_base_model(config, fsm, device)
         directory = phase_dir(out, "base")
@@ -225,16 +241,16 @@ def _run_phases(
         metrics["base_transition_accuracy"] = metrics["base"]["transition_accuracy"]
         metrics["phases"]["base"] = time.perf_counter() - phase
         save()
-        log(_describe("1/4 base model", metrics["base"], metrics["phases"]["base"]))
+        log(_describe("1/5 base model", metrics["base"], metrics["phases"]["base"]))
 
     # 2. the codebook model: joint fine-tuning from the base model
     if isinstance(metrics.get("codebook"), dict) and (out / CODEBOOK_MODEL_DIR).is_dir():
         model = load_codebook_model(base, out)
-        log("2/4 codebook model: finished before, loaded")
+        log("2/5 codebook model: finished before, loaded")
     else:
         model = _fine_tune(config, fsm, base, held_out, out, metrics, record_training)
         save()
-        log(_describe("2/4 codebook model", metrics["codebook"], metrics["phases"]["codebook"]))
+        log(_describe("2/5 codebook model", metrics["codebook"], metrics["phases"]["codebook"]))
 
     # 3. state codes (recomputed on resume: steering needs the full scores, a few seconds)
     phase = time.perf_counter()
@@ -245,7 +261,7 @@ def _run_phases(
     metrics["phases"]["state_codes"] = time.perf_counter() - phase
     save()
     log(
-        f"3/4 state codes: {summary['states_with_precise_code']:.1%} of states have a code with "
+        f"3/5 state codes: {summary['states_with_precise_code']:.1%} of states have a code with "
         f"precision and recall >= {config.precise_threshold} "
         f"({metrics['phases']['state_codes']:.0f}s)"
     )
@@ -268,12 +284,25 @@ def _run_phases(
     metrics["intervention_success_random_code"] = interventions["random_code"]["success"]
     metrics["intervention_success_no_intervention"] = interventions["none"]["success"]
     metrics["phases"]["interventions"] = time.perf_counter() - phase
-    save("done")
+    save()
     log(
-        f"4/4 interventions: success {metrics['intervention_success']:.1%} (random code "
+        f"4/5 interventions: success {metrics['intervention_success']:.1%} (random code "
         f"{metrics['intervention_success_random_code']:.1%}, none "
         f"{metrics['intervention_success_no_intervention']:.1%}) "
         f"({metrics['phases']['interventions']:.0f}s)"
+    )
+
+    # 5. the code cache and the code browser
+    phase = time.perf_counter()
+    metrics["analysis"] = write_code_browser(model, fsm, held_out, out, metrics, config.progress)
+    metrics["phases"]["analysis"] = time.perf_counter() - phase
+    save("done")
+    analysis = metrics["analysis"]
+    log(
+        f"5/5 code browser: cache of {analysis['n_tokens']} tokens "
+        f"({analysis['cache_bytes'] / 1e6:.2f} MB), site {analysis['site_files']} files "
+        f"({analysis['site_bytes'] / 1e6:.2f} MB): {out / analysis['dashboard']} "
+        f"({metrics['phases']['analysis']:.0f}s)"
     )
     log(f"done in {metrics['seconds']:.0f}s; report: {out / 'index.html'}")
     return read_metrics(out)
@@ -327,6 +356,65 @@ def _loss_with_initial_codebooks(
     settings.update(steps=1, lr=0.0, progress=False)
     train_codebooks(model, batches, TrainConfig.from_dict(settings))
     return next_token_loss(model, held_out)
+
+
+# -- the code cache and the code browser ----------------------------------------------------
+
+
+def tokfsm_vocab(fsm: FSM) -> list[str]:
+    """Token strings of a TokFSM model: its digits, then "BOS" (what the cache and the code
+    browser show, and what a regex search reads)."""
+    return [str(digit) for digit in range(fsm.base)] + ["BOS"]
+
+
+def dashboard_labels(
+    task: TokFSMTask, cache: CodeCache
+) -> tuple[Int[Tensor, "n_seq seq_len"], list[str]]:
+    """Each cached token's FSM state (where the state's last digit is read, else -1) and the
+    states' names: the concept labels the code browser scores every code against."""
+    tokens = torch.from_numpy(np.array(cache.tokens, dtype=np.int64))
+    return task.concept_labels(tokens), task.concept_names
+
+
+def write_code_browser(
+    model: HookedCodebookTransformer,
+    fsm: FSM,
+    held_out: Int[Tensor, "n_seq seq_len"],
+    out: Path,
+    metrics: dict[str, Any],
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Phase 5: cache the codebook model's code ids over the held-out sequences and write the
+    code browser labelled with the FSM states and the steering results; returns what
+    metrics.json records (sizes on disk). Like phases 3 and 4 it is redone on resume (both
+    directories are swapped in whole, so an interrupted one leaves the previous or none)."""
+    from tl_codebook.analysis.cache import CodeCache
+    from tl_codebook.analysis.cli import directory_size
+    from tl_codebook.analysis.dashboard import write_dashboard
+    from tl_codebook.fsm.task import TokFSMTask
+
+    task = TokFSMTask(fsm, int(held_out.shape[1]))
+    cache_dir, site_dir = out / CODE_CACHE_DIR, out / DASHBOARD_DIR
+    cache = CodeCache.build(model, held_out, cache_dir, vocab=tokfsm_vocab(fsm), progress=progress)
+    index = write_dashboard(
+        cache,
+        site_dir,
+        model=model,
+        labels=dashboard_labels(task, cache),
+        steering=steering_rows(metrics.get("interventions")),
+    )
+    cache_bytes, cache_files = directory_size(cache_dir)
+    site_bytes, site_files = directory_size(site_dir)
+    return {
+        "cache": CODE_CACHE_DIR,
+        "n_tokens": cache.n_tokens,
+        "hooks": len(cache.hooks),
+        "cache_bytes": cache_bytes,
+        "cache_files": cache_files,
+        "dashboard": str(index.relative_to(out)),
+        "site_bytes": site_bytes,
+        "site_files": site_files,
+    }
 
 
 def _describe(name: str, results: dict[str, Any], seconds: float) -> str:

@@ -50,6 +50,22 @@ PLOT_CACHE = ".report-plots.json"
 REFERENCE_NOTE = "reference: 0.975 (paper's k=1 model, N=100/E=10)"
 
 
+def steering_rows(interventions: dict[str, Any] | None) -> list[dict[str, Any]] | None:
+    """The steering conditions as the code browser's table (None before they were measured):
+    one row per condition, named as the report names it."""
+    if not interventions:
+        return None
+    return [
+        {
+            "condition": CONDITION_NAMES[name],
+            "success (next state follows s′)": interventions[name]["success"],
+            "next state follows s": interventions[name]["follows_source"],
+        }
+        for name in CONDITION_NAMES
+        if isinstance(interventions.get(name), dict)
+    ]
+
+
 def write_report(out_dir: str | Path) -> Path:
     """Draw the plots the metrics allow and (re)write `index.html`; returns its path."""
     out = Path(out_dir)
@@ -226,6 +242,26 @@ def _figure(plots: dict[str, str], name: str, caption: str) -> str:
     )
 
 
+def _browser_section(analysis: Any) -> str:
+    """The link to the code browser and what it holds (once phase 5 has written it)."""
+    if not isinstance(analysis, dict) or "dashboard" not in analysis:
+        return "<p class='pending'>(not written yet)</p>"
+    link = html.escape(str(analysis["dashboard"]), quote=True)
+    return (
+        f"<p><a href='{link}'><b>Open the code browser</b></a> (a static site in "
+        f"<code>{html.escape(str(Path(analysis['dashboard']).parent))}/</code>, opens from disk, "
+        "no server): every codebook's code usage, search by token, regex or code id, and per "
+        "code its top contexts, firing density, logit effects, co-firing codes and precision and "
+        "recall against the FSM states, plus the steering results above. It reads the code cache "
+        f"<code>{html.escape(str(analysis.get('cache')))}/</code>: the code ids of every codebook "
+        f"over the {_fmt(analysis.get('n_tokens'))} held-out tokens "
+        f"({_fmt(analysis.get('cache_bytes'))} bytes; the site {_fmt(analysis.get('site_bytes'))} "
+        f"bytes in {_fmt(analysis.get('site_files'))} files). Query it from Python with "
+        "<code>tl_codebook.analysis.CodeCache.open(dir)</code> or with "
+        "<code>tl-codebook search</code>.</p>"
+    )
+
+
 def _html(metrics: dict[str, Any], plots: dict[str, str]) -> str:
     cfg = metrics.get("config", {})
     status = metrics.get("status", "unknown")
@@ -341,6 +377,9 @@ only at the prompt's last token); <b>random codes</b> (<code>random_code</code>:
 and positions as <code>steer</code>, a code drawn uniformly from that codebook's other codes);
 <b>no intervention</b> (<code>none</code>).</p>
 {_figure(plots, "interventions", "Fraction of generated next states that follow s′ (success) or the true current state s. The two overlap when s and s′ share successors (on average " + _fmt(interventions.get("chance_overlap")) + " of the successors).")}
+
+<h3>4. Browse the codes</h3>
+{_browser_section(metrics.get("analysis"))}
 
 <details><summary>Configuration</summary><table>{config_rows}</table></details>
 <p>Files: <code>metrics.json</code> (all numbers), <code>fsm.json</code> (the machine),
