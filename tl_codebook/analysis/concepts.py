@@ -76,10 +76,12 @@ class ConceptScores:
         )
 
     def f1(self) -> Float[Tensor, "n_groups num_codes num_labels"]:
-        denominator = self.precision + self.recall
-        return torch.where(
-            denominator > 0, 2 * self.precision * self.recall / denominator.clamp(min=1e-12), 0.0
-        )
+        """2PR / (P + R), computed as 2 joint / (code count + label count) (the same number)
+        from the exact counts, so equal F1s compare equal (search breaks their ties)."""
+        joint = self.joint_counts.double()
+        denominator = self.code_counts[..., None].double() + self.label_counts.double()
+        f1 = torch.where(denominator > 0, 2 * joint / denominator.clamp(min=1), 0.0)
+        return f1.to(self.precision.dtype)
 
     def best_code_per_label(self, criterion: str = "f1") -> BestCodes:
         """For each label, the (group, code) maximising F1 (`"f1"`) or min(precision, recall)
@@ -136,6 +138,67 @@ def _firing_counts(
     return joint, joint.sum(dim=-1), label_counts
 
 
+def code_firings(
+    code_ids: Int[Tensor, "tokens n_groups k"], num_codes: int
+) -> tuple[Int[Tensor, " firings"], Int[Tensor, " firings"]]:
+    """The firing events `(token, unit)` of a codebook's code ids, unit = group * num_codes + code.
+
+    Code `c` of group `g` fires at a token if `c` is among that token's `k` ids in group `g`;
+    a code repeated within the k ids fires once. Every counter of code activity starts here.
+    """
+    if num_codes < 1:
+        raise ValueError(f"num_codes must be >= 1, got {num_codes}.")
+    if code_ids.numel() and (code_ids.min() < 0 or code_ids.max() >= num_codes):
+        raise ValueError(
+            f"code ids must be in [0, {num_codes - 1}], got range "
+            f"[{code_ids.min().item()}, {code_ids.max().item()}]."
+        )
+    n_tokens, n_groups, k = code_ids.shape
+    ids = code_ids.long()
+    if k > 1:
+        ids = ids.sort(dim=-1).values
+    first_occurrence = torch.ones_like(ids, dtype=torch.bool)
+    first_occurrence[..., 1:] = ids[..., 1:] != ids[..., :-1]
+    unit = torch.arange(n_groups, device=ids.device)[None, :, None] * num_codes + ids
+    token = torch.arange(n_tokens, device=ids.device)[:, None, None].expand_as(ids)
+    return token[first_occurrence], unit[first_occurrence]
+
+
+def code_token_counts(
+    code_ids: Int[Tensor, "tokens n_groups k"], num_codes: int
+) -> Int[Tensor, "n_groups num_codes"]:
+    """For every (group, code), the number of tokens where it fires (one bincount).
+
+    Given the code ids of the tokens where a concept holds, these are the codes' true
+    positives; given those where another code fires, the co-firing counts.
+    """
+    _, unit = code_firings(code_ids, num_codes)
+    n_groups = code_ids.shape[1]
+    return torch.bincount(unit, minlength=n_groups * num_codes).reshape(n_groups, num_codes)
+
+
+def binary_concept_scores(
+    true_positives: Int[Tensor, "n_groups num_codes"],
+    code_counts: Int[Tensor, "n_groups num_codes"],
+    n_positive: int,
+    n_tokens: int,
+) -> ConceptScores:
+    """Scores against one yes/no concept (a token set, a regex, a mask) from counts alone.
+
+    Label 1 is "the concept holds" (`n_positive` of `n_tokens` tokens), label 0 the rest;
+    `code_counts` are each code's firings over all tokens, `true_positives` those where the
+    concept holds. So `precision[..., 1]`, `recall[..., 1]` and `f1()[..., 1]` are the
+    concept's, computed by the same arithmetic as every other concept score.
+    """
+    if not 0 <= n_positive <= n_tokens:
+        raise ValueError(f"n_positive must be in [0, n_tokens={n_tokens}], got {n_positive}.")
+    if bool((true_positives > code_counts).any()) or bool((true_positives < 0).any()):
+        raise ValueError("true_positives must lie between 0 and code_counts for every code.")
+    joint = torch.stack([code_counts - true_positives, true_positives], dim=-1)
+    labels = torch.tensor([n_tokens - n_positive, n_positive], dtype=joint.dtype)
+    return ConceptScores.from_counts(joint, code_counts, labels)
+
+
 def code_concept_precision_recall(
     code_ids: Int[Tensor, "tokens n_groups k"],
     labels: Int[Tensor, " tokens"],
@@ -145,8 +208,9 @@ def code_concept_precision_recall(
     """Score every (group, code) of a codebook against every label.
 
     Code `c` of group `g` is active at a token if `c` is among that token's `k` ids in group `g`
-    (a code repeated within the k ids counts once). Labels < 0 mark ignored tokens. Memory:
-    a few tensors of n_groups * num_codes * num_labels numbers (no tokens x codes matrix).
+    (a code repeated within the k ids counts once; `code_firings`). Labels < 0 mark ignored
+    tokens. Memory: a few tensors of n_groups * num_codes * num_labels numbers (no tokens x
+    codes matrix).
     """
     if num_codes < 1 or num_labels < 1:
         raise ValueError(f"num_codes and num_labels must be >= 1, got {num_codes}, {num_labels}.")
@@ -154,19 +218,10 @@ def code_concept_precision_recall(
         raise ValueError(
             f"code_ids has {code_ids.shape[0]} tokens but labels has {labels.shape[0]}."
         )
-    if code_ids.numel() and (code_ids.min() < 0 or code_ids.max() >= num_codes):
-        raise ValueError(
-            f"code ids must be in [0, {num_codes - 1}], got range "
-            f"[{code_ids.min().item()}, {code_ids.max().item()}]."
-        )
-    n_tokens, n_groups, k = code_ids.shape
-    ids = code_ids.sort(dim=-1).values
-    first_occurrence = torch.ones_like(ids, dtype=torch.bool)
-    first_occurrence[..., 1:] = ids[..., 1:] != ids[..., :-1]
-    unit = torch.arange(n_groups, device=ids.device)[None, :, None] * num_codes + ids
-    token = torch.arange(n_tokens, device=ids.device)[:, None, None].expand_as(ids)
+    n_groups = code_ids.shape[1]
+    token, unit = code_firings(code_ids, num_codes)
     joint, unit_counts, label_counts = _firing_counts(
-        token[first_occurrence], unit[first_occurrence], labels, n_groups * num_codes, num_labels
+        token, unit, labels, n_groups * num_codes, num_labels
     )
     return ConceptScores.from_counts(
         joint.reshape(n_groups, num_codes, num_labels),
