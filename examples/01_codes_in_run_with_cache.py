@@ -1,0 +1,7 @@
+# %% [markdown]
+# # Codes in `run_with_cache`
+#
+# test
+
+# %%
+print("hi")
