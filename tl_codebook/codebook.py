@@ -37,16 +37,32 @@ class CodebookConfig:
     Defaults follow the paper's training setting (`aeloss`): the codes get the downstream
     gradient plus the reconstruction gradient (`reconstruction_coef=1`), the input gets the pure
     straight-through gradient (`commitment_coef=0`).
+
+    Raises:
+        ValueError: on construction, for a size that is not an integer >= 1, `k > num_codes`,
+            an unknown `similarity`, a `d_in` that `n_groups` does not divide (the message
+            lists the valid `n_groups`), or a negative or non-finite coefficient / `init_std`.
     """
 
     d_in: int
+    """Width of the activation vectors the codebook snaps (the hook point's last axis)."""
     num_codes: int
+    """Codes per group: the size of each group's vocabulary of discrete features."""
     k: int = 1
+    """Codes chosen per token and group; the output is the mean of those k code vectors."""
     similarity: str = "inner_product"
+    """How inputs score against codes: "inner_product", "cosine" or "euclidean" (negative
+    distance)."""
     n_groups: int = 1
+    """Independent groups the input is split into (`d_in / n_groups` dimensions each), each with
+    its own `num_codes` codes and its own top-k."""
     hook_name: str | None = None
+    """The hook point the codebook sits at (e.g. "blocks.0.hook_resid_post"), or None standalone."""
     reconstruction_coef: float = 1.0
+    """Weight of the gradient that pulls the chosen codes towards their inputs."""
     commitment_coef: float = 0.0
+    """Weight of the gradient that pulls the inputs towards their chosen codes (0: pure
+    straight-through for the input)."""
     chunk_size: int = 512
     """Tokens scored at once (all groups); the largest temporary is chunk_size x n_groups x
     num_codes floats (1/8 of the full score matrix for 4096 tokens). Smaller chunks save memory
@@ -54,6 +70,7 @@ class CodebookConfig:
     init_std: float = 1.0
     """Std of the Gaussian initial codes (norm ~ init_std*sqrt(d_group)); see `Codebook`."""
     metadata: dict[str, Any] = field(default_factory=dict)
+    """Free-form JSON-serialisable notes saved with the codebook (e.g. how it was trained)."""
 
     def __post_init__(self) -> None:
         for name in ("d_in", "num_codes", "n_groups", "k", "chunk_size"):
@@ -78,14 +95,21 @@ class CodebookConfig:
 
     @property
     def d_group(self) -> int:
+        """Dimensions per group: `d_in // n_groups` (the width of each code vector)."""
         return self.d_in // self.n_groups
 
     def to_dict(self) -> dict[str, Any]:
+        """The config as a plain JSON-serialisable dict (the inverse of `from_dict`)."""
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> CodebookConfig:
-        """Build a config from a dict, refusing missing required keys and unknown keys."""
+        """Build a config from a dict, refusing missing required keys and unknown keys.
+
+        Raises:
+            ValueError: for a non-dict, an unknown key (with the closest valid one), a missing
+                `d_in` / `num_codes`, a value of the wrong type, or any check of the config.
+        """
         return dataclass_from_dict(cls, data)
 
 
@@ -111,6 +135,13 @@ class Codebook(HookPoint):
 
     Statistics (`code_hits`, `dead_codes`, `mean_squared_error`) are non-persistent buffers,
     updated on every forward and cleared by `reset_stats()`.
+
+    Shapes: the parameter `codes` is `[n_groups, num_codes, d_group]`. Inputs are
+    `[..., d_in]` (or `[..., n_groups, d_group]`) with any leading axes (usually batch and
+    position); code ids are integer tensors `[..., n_groups, k]`.
+
+    Args:
+        cfg: the codebook's sizes and training coefficients (checked when it is built).
     """
 
     code_hits: Tensor
@@ -169,7 +200,13 @@ class Codebook(HookPoint):
         return tuple(x.shape[:-2])
 
     def check_ids(self, ids: Tensor) -> None:
-        """Raise a ValueError unless `ids` are valid code ids of shape [..., n_groups, k']."""
+        """Check that `ids` are valid code ids of shape `[..., n_groups, k']` (any k' >= 0).
+
+        Raises:
+            TypeError: if `ids` is a float or bool tensor.
+            ValueError: if its second-to-last axis is not `n_groups`, or an id lies outside
+                `[0, num_codes)`.
+        """
         if ids.dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.bool):
             raise TypeError(f"Code ids must be an integer tensor, got dtype {ids.dtype}.")
         if ids.ndim < 2 or ids.shape[-2] != self.cfg.n_groups:
@@ -186,7 +223,19 @@ class Codebook(HookPoint):
     # -- the public three -------------------------------------------------------------------
 
     def encode(self, x: Float[Tensor, "..."]) -> Int[Tensor, "... n_groups k"]:
-        """Top-k code ids per group, best first (ablated codes are never chosen)."""
+        """Top-k code ids per group, best first (ablated codes are never chosen).
+
+        Does not run the hook points or update the statistics.
+
+        Args:
+            x: activations `[..., d_in]` (or `[..., n_groups, d_group]`).
+
+        Returns:
+            Integer code ids `[..., n_groups, k]` (the leading axes of `x`).
+
+        Raises:
+            ValueError: if the last axis of `x` is neither `d_in` nor `[n_groups, d_group]`.
+        """
         rows, _ = self._grouped(x)
         ids = select_codes(
             rows, self.codes, self.cfg.k, self.cfg.similarity, self.cfg.chunk_size, self.ablated
@@ -194,7 +243,18 @@ class Codebook(HookPoint):
         return ids.view(*self._lead_shape(x), self.cfg.n_groups, self.cfg.k)
 
     def decode(self, ids: Int[Tensor, "... n_groups k"]) -> Float[Tensor, "... d_in"]:
-        """Per group, the mean of the chosen code vectors, concatenated to `[..., d_in]`."""
+        """Per group, the mean of the chosen code vectors, concatenated to `[..., d_in]`.
+
+        Args:
+            ids: integer code ids `[..., n_groups, k]` (any k >= 1, e.g. from `encode`).
+
+        Returns:
+            Vectors `[..., d_in]`, the leading axes of `ids`.
+
+        Raises:
+            TypeError: if `ids` is not an integer tensor.
+            ValueError: for a wrong group axis or an id outside `[0, num_codes)`.
+        """
         self.check_ids(ids)
         flat, ps = pack([ids], "* g k")
         out = gather_mean(flat, self.codes).reshape(flat.shape[0], self.cfg.d_in)
@@ -206,6 +266,18 @@ class Codebook(HookPoint):
 
         A token whose input holds a NaN or inf comes out all NaN (NaN in, NaN out), so a broken
         activation is never hidden behind a code; its ids in `hook_codes` are meaningless.
+        With `enabled` False the input passes through unchanged (no hooks run).
+
+        Args:
+            x: activations `[..., d_in]` (or `[..., n_groups, d_group]`).
+
+        Returns:
+            The snapped activations, shape of `x`: per token and group the mean of its k codes.
+
+        Raises:
+            ValueError: for an input of the wrong width, or if a hook on `hook_codes` returns
+                ids outside `[0, num_codes)` or of the wrong group axis (TypeError for float
+                ids).
         """
         if not self.enabled:
             return x
@@ -232,7 +304,18 @@ class Codebook(HookPoint):
         return self.hook_codebook_out(out.view(x.shape))
 
     def scores(self, x: Float[Tensor, "..."]) -> Float[Tensor, "... n_groups num_codes"]:
-        """The similarity of `x` to every code (materialises tokens x codes: for small inputs)."""
+        """The similarity of `x` to every code (materialises tokens x codes: for small inputs).
+
+        Args:
+            x: activations `[..., d_in]` (or `[..., n_groups, d_group]`).
+
+        Returns:
+            Scores `[..., n_groups, num_codes]`, higher is closer (negative distance for
+            "euclidean").
+
+        Raises:
+            ValueError: if the last axis of `x` is neither `d_in` nor `[n_groups, d_group]`.
+        """
         rows, _ = self._grouped(x)
         return code_scores(rows, self.codes, self.cfg.similarity).view(
             *self._lead_shape(x), self.cfg.n_groups, self.cfg.num_codes
@@ -264,6 +347,7 @@ class Codebook(HookPoint):
         return self
 
     def reset_stats(self) -> None:
+        """Zero the hit counts, the token count and the squared-error sum."""
         self.code_hits.zero_()
         self.tokens_seen.zero_()
         self.squared_error_sum.zero_()
@@ -275,6 +359,7 @@ class Codebook(HookPoint):
 
     @property
     def dead_fraction(self) -> float:
+        """The fraction of all codes (over groups) not chosen once since the last reset."""
         return self.dead_codes / self.code_hits.numel()
 
     @property
@@ -289,7 +374,18 @@ class Codebook(HookPoint):
     def init_from_activations(
         self, x: Float[Tensor, "..."], generator: torch.Generator | None = None
     ) -> None:
-        """Set every code to a randomly chosen real input (per group), a start that trains well."""
+        """Set every code to a randomly chosen real input (per group), a start that trains well.
+
+        Inputs are drawn without replacement when there are at least `num_codes` rows, with
+        replacement otherwise.
+
+        Args:
+            x: activations `[..., d_in]` (or `[..., n_groups, d_group]`), any number of rows.
+            generator: a CPU generator for a reproducible draw.
+
+        Raises:
+            ValueError: if the last axis of `x` is neither `d_in` nor `[n_groups, d_group]`.
+        """
         rows, _ = self._grouped(x)
         n = rows.shape[0]
         idx = torch.randint(n, (self.cfg.num_codes,), generator=generator, device="cpu")
@@ -298,12 +394,23 @@ class Codebook(HookPoint):
         self.codes.copy_(rows[idx.to(rows.device)].transpose(0, 1).to(self.codes.dtype))
 
     def save(self, path: str | Path) -> None:
+        """Save to the directory `path` (`cfg.json` + `codebook.safetensors`); see `save_codebook`.
+
+        Raises:
+            ValueError: if `path` exists and is a file, or a directory holding other files.
+        """
         from tl_codebook.io import save_codebook
 
         save_codebook(self, path)
 
     @classmethod
     def load(cls, path: str | Path, device: str | torch.device | None = None) -> Codebook:
+        """Load a codebook saved by `save`, its codes on `device` (default CPU).
+
+        Raises:
+            CodebookFileError: for a missing, corrupted or mismatched file (see `load_codebook`).
+            ValueError: for a saved config that fails `CodebookConfig`'s checks.
+        """
         from tl_codebook.io import load_codebook
 
         return load_codebook(path, device=device)
@@ -315,6 +422,7 @@ class Codebook(HookPoint):
         return codebook_to_sae(self)
 
     def extra_repr(self) -> str:
+        """The config's main fields, shown in `print(model)`."""
         c = self.cfg
         return (
             f"hook_name={c.hook_name!r}, d_in={c.d_in}, num_codes={c.num_codes}, k={c.k}, "

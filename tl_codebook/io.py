@@ -22,6 +22,8 @@ from tl_codebook.configs import dataclass_from_dict
 from tl_codebook.files import TEMP_PREFIX, atomic_directory, atomic_write_json
 
 FORMAT_VERSION = 1
+"""The version of the on-disk format written into every `cfg.json` / `codebooks.json`; loading
+refuses any other version."""
 CODEBOOK_CFG = "cfg.json"
 CODEBOOK_WEIGHTS = "codebook.safetensors"
 SET_CFG = "codebooks.json"
@@ -29,9 +31,23 @@ SET_WEIGHTS = "codebooks.safetensors"
 MODEL_WEIGHTS = "model.safetensors"
 MODEL_SHAPE_KEYS = ("n_layers", "d_model", "n_heads", "d_head", "d_mlp", "d_vocab", "n_ctx")
 
+__all__ = [
+    "FORMAT_VERSION",
+    "CodebookFileError",
+    "load_codebook",
+    "load_codebooks",
+    "load_model",
+    "model_shape",
+    "save_codebook",
+    "save_codebooks",
+]
+
 
 class CodebookFileError(ValueError):
-    """A saved codebook file that is missing, truncated, corrupted or does not fit."""
+    """A saved codebook file that is missing, truncated, corrupted or does not fit.
+
+    A `ValueError`, so the CLI reports it as a one-line user error.
+    """
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -105,7 +121,18 @@ def _codebook_from(cfg: CodebookConfig, codes: torch.Tensor, source: Path) -> Co
 
 
 def save_codebook(codebook: Codebook, path: str | Path) -> Path:
-    """Save one codebook to the directory `path`."""
+    """Save one codebook to the directory `path`: `cfg.json` and `codebook.safetensors`.
+
+    The directory is built under a temporary name and swapped in whole, so an interrupted save
+    leaves the previous save (or nothing), never half of one.
+
+    Returns:
+        `path`, as a `Path`.
+
+    Raises:
+        ValueError: if `path` exists and is not a directory, or is a directory holding files
+            other than a previous codebook save (replacing it would delete them).
+    """
     path = Path(path)
     with _saving_directory(path, (CODEBOOK_CFG, CODEBOOK_WEIGHTS)) as building:
         save_file(
@@ -118,7 +145,18 @@ def save_codebook(codebook: Codebook, path: str | Path) -> Path:
 
 
 def load_codebook(path: str | Path, device: str | torch.device | None = None) -> Codebook:
-    """Load a codebook saved by `save_codebook` / `Codebook.save`."""
+    """Load a codebook saved by `save_codebook` / `Codebook.save`.
+
+    Args:
+        path: the directory written by `save_codebook`.
+        device: where the codes go (default CPU).
+
+    Raises:
+        CodebookFileError: for a missing or invalid `cfg.json`, another `format_version`, an
+            unreadable `codebook.safetensors`, no `codes` tensor, or codes whose shape is not
+            `[n_groups, num_codes, d_group]` of the config.
+        ValueError: for a config that fails `CodebookConfig`'s checks (an unknown key, ...).
+    """
     path = Path(path)
     data = _read_json(path / CODEBOOK_CFG)
     _check_format_version(data, path / CODEBOOK_CFG)
@@ -130,7 +168,12 @@ def load_codebook(path: str | Path, device: str | torch.device | None = None) ->
 
 
 def model_shape(model: torch.nn.Module) -> dict[str, Any]:
-    """The fields of a TransformerLens model's config that codebooks depend on."""
+    """The fields of a TransformerLens model's config that codebooks depend on.
+
+    Returns:
+        `{name: value}` for `n_layers, d_model, n_heads, d_head, d_mlp, d_vocab, n_ctx` (None
+        where the config lacks one); `{}` for a module without a `cfg`.
+    """
     cfg = getattr(model, "cfg", None)
     if cfg is None:
         return {}
@@ -152,6 +195,16 @@ def save_codebooks(
 
     `save_model_weights=None` saves the model's own weights too when the model was fine-tuned
     with its codebooks (`model.fine_tuned` set by the joint trainer); True/False force it.
+    The directory holds `codebooks.json` (configs, the model's name and shape),
+    `codebooks.safetensors` and, with the model's weights, `model.safetensors`; like
+    `save_codebook` it is swapped in whole.
+
+    Returns:
+        `path`, as a `Path`.
+
+    Raises:
+        ValueError: if the model has no codebooks, or `path` exists and is not a directory or
+            holds files other than a previous save of codebooks.
     """
     from tl_codebook.hooks.model import codebooks_of
 
@@ -198,6 +251,23 @@ def load_codebooks(
     All or nothing: every file is read, every codebook built and every site and weight checked
     before the model is touched, so on any error (unreadable files, a model of another shape,
     a site that cannot take its codebook, weights that do not fit) the model is as before.
+
+    Args:
+        model: the model to load into (codebooks go to its parameters' device).
+        path: the directory written by `save_codebooks`.
+        load_model_weights: also load `model.safetensors` when the save has one (it then sets
+            `model.fine_tuned`); False loads the codebooks only.
+
+    Returns:
+        `{site: codebook}` for the codebooks loaded (now attached to `model`).
+
+    Raises:
+        CodebookFileError: for a missing or invalid file, another `format_version`, a model of
+            another shape than the one saved, a missing codebook tensor, codes that do not fit
+            their config, or model weights with missing, unexpected or wrongly shaped tensors.
+        ValueError: for a saved config that fails `CodebookConfig`'s checks, or a site that
+            cannot take its codebook (hooks attached there, a width that does not fit).
+        UnknownHookError: for a saved site that is not a hook point of `model`.
     """
     from tl_codebook.hooks.model import (
         attach_codebook,
@@ -290,6 +360,20 @@ def load_model(
     `trust_remote_code` (the CLI's `--trust-remote-code`) is the only way to let a model or
     tokenizer run Python code from its files: a config file that asks for it is refused, because
     reading a file must never run code the user did not ask for.
+
+    Args:
+        model: a `.json` config file, a local Hugging Face model directory, or a model name.
+        device: where the model goes (TransformerLens' default when None).
+        architecture: for a local directory, the TransformerLens name of its architecture.
+        trust_remote_code: allow the model's own Python code to run.
+        **from_pretrained_kwargs: passed on to `HookedTransformer.from_pretrained`.
+
+    Raises:
+        TypeError: if `trust_remote_code` is not a bool.
+        CodebookFileError: for a `.json` file that is missing or not a JSON object.
+        ValueError: for a `.json` config that asks for `trust_remote_code` without the flag, or
+            has an unknown key or a wrongly typed value; for a local directory without
+            `architecture`, or whose files transformers cannot load.
     """
     from transformer_lens import HookedTransformerConfig
 

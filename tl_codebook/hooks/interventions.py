@@ -106,6 +106,13 @@ def insert_codes(ids: Int[Tensor, "... k"], forced: Int[Tensor, " f"]) -> Int[Te
     Keeping the strongest natural codes changes the model's own computation as little as
     possible while guaranteeing the forced codes are on; with k = 1 it is plain replacement.
     A forced code that was already active is not duplicated.
+
+    Args:
+        ids: the chosen code ids of one group, `[..., k]`, best first.
+        forced: the `f <= k` distinct code ids to force on, `[f]`.
+
+    Returns:
+        New ids `[..., k]`: the forced ids first, then the best `k - f` natural ones.
     """
     k, f = ids.shape[-1], forced.shape[0]
     is_forced = torch.isin(ids, forced)
@@ -223,6 +230,22 @@ def force_codes_hook(
 
     Positions: see `POSITIONS_MEANING`. `window` tells where each forward's tokens sit in the
     sequence (`force_codes` keeps it up to date); without one, every forward is a whole input.
+    Use it with `model.hooks(fwd_hooks=[(f"{site}.hook_codes", hook)])` or `run_with_hooks`
+    when `force_codes` (a context manager) does not fit.
+
+    Args:
+        codebook: the codebook whose ids the hook rewrites (for checking `codes`).
+        codes: code ids for every group (an int or a list), or `{group: [ids]}`.
+        positions: which positions to force; None for all.
+        window: the sequence window shared by one `force_codes` block.
+
+    Returns:
+        A hook `(ids, hook) -> ids` on `[..., pos, n_groups, k]` integer ids.
+
+    Raises:
+        TypeError: for non-integer code ids, groups or positions (bools, floats, strings).
+        ValueError: for a group that does not exist, an id outside `[0, num_codes)`, repeated
+            ids, or more than `k` codes in one group.
     """
     per_group = _per_group(codes, codebook, "force_codes")
     too_many = {g: ids for g, ids in per_group.items() if len(ids) > codebook.cfg.k}
@@ -273,6 +296,17 @@ def force_codes(
     generated token (each new token is then predicted from a forced position); a bare int one
     position. Positions that can never lie inside `n_ctx`, and non-integer positions or ids,
     are refused. Works on any HookedTransformer (HookedSAETransformer, ...) with codebooks.
+
+    At most `k` codes per group can be forced; a forced code takes one of the token's k slots
+    and the strongest natural codes keep the rest (see `insert_codes`).
+
+    Raises:
+        UnknownHookError: for a site in `codes` with no codebook.
+        TypeError: for non-integer code ids, groups or positions.
+        ValueError: for a group that does not exist, an id outside `[0, num_codes)`, repeated
+            ids, more than `k` codes in one group, or a position outside `-n_ctx..n_ctx - 1`.
+
+    All are raised on entering the block, before any hook is added.
     """
     chosen = _resolve(model, codes)
     cfg = getattr(model, "cfg", None)
@@ -288,7 +322,19 @@ def force_codes(
 
 @contextmanager
 def ablate_codes(model: torch.nn.Module, codes: Mapping[str, Any]) -> Iterator[None]:
-    """Inside the block, the given codes can never be chosen; each token gets the next best."""
+    """Inside the block, the given codes can never be chosen; each token gets the next best.
+
+    `codes` maps a codebook's hook name to code ids (for every group) or `{group: [ids]}`.
+    Ablation masks the codes out of the top-k selection itself (their score is -inf), so it
+    also holds through `generate` and `run_with_cache`; nested blocks add up, and each
+    codebook's previous mask is restored on exit.
+
+    Raises:
+        UnknownHookError: for a site in `codes` with no codebook.
+        TypeError: for non-integer code ids or groups.
+        ValueError: for a group that does not exist, an id outside `[0, num_codes)`, repeated
+            ids, or ablating so many codes that fewer than `k` are left in a group.
+    """
     chosen = _resolve(model, codes)
     previous = {name: cb.ablated for name, cb in chosen.items()}
     try:

@@ -31,7 +31,11 @@ _ORIGINALS_ATTR = "_tl_codebook_original_hook_points"
 
 
 class UnknownHookError(ValueError):
-    """A hook name that the model does not have; the message lists the closest valid names."""
+    """A hook name that the model does not have; the message lists the closest valid names.
+
+    A `ValueError`, raised by everything that takes a hook or codebook site name (attaching,
+    detaching, interventions, ...) so a typo is reported with what was probably meant.
+    """
 
 
 def unknown_hook_error(
@@ -47,7 +51,11 @@ def unknown_hook_error(
 
 
 def codebooks_of(model: torch.nn.Module) -> dict[str, Codebook]:
-    """Every codebook in `model`, keyed by the hook name it sits at."""
+    """Every codebook in `model`, keyed by the hook name it sits at.
+
+    Works on any `torch.nn.Module` (an empty dict when it has none); the order is the model's
+    module order.
+    """
     return {name: m for name, m in model.named_modules() if isinstance(m, Codebook)}
 
 
@@ -210,10 +218,26 @@ def attach_codebook(
 ) -> Codebook:
     """Put `codebook` at the HookPoint `hook_name` (default `codebook.cfg.hook_name`) of `model`.
 
-    Works on any HookedRootModule (HookedTransformer, HookedSAETransformer, ...). Raises
-    UnknownHookError (listing close names) for a name the model does not have, and ValueError
-    when the activation's width does not fit the codebook (checked with a one-token forward on
-    HookedTransformer models).
+    Works on any HookedRootModule (HookedTransformer, HookedSAETransformer, ...). The original
+    HookPoint is kept, so `detach_codebook` restores it; the codebook moves to the model's
+    device and its `cfg.hook_name` is set to the site.
+
+    Args:
+        model: the model to put the codebook in.
+        codebook: the codebook; its `d_in` must fit the activation's last axis (or its last two
+            axes as `[n_groups, d_group]`).
+        hook_name: the site; default `codebook.cfg.hook_name`.
+        check_width: run a one-token forward (HookedTransformer models) to check the
+            activation's shape before attaching.
+
+    Returns:
+        `codebook`, now part of `model`.
+
+    Raises:
+        UnknownHookError: for a name the model does not have (listing close names).
+        ValueError: for no hook name at all, a name other than the codebook's configured one,
+            a site that already holds a codebook or has hooks attached, a codebook's own hook
+            point, or an activation whose width does not fit the codebook.
     """
     name = check_attachable(model, codebook, hook_name, check_width)
     hook_dict: Mapping[str, HookPoint] = model.hook_dict  # type: ignore[assignment]
@@ -232,7 +256,16 @@ def attach_codebook(
 
 
 def detach_codebook(model: torch.nn.Module, hook_name: str) -> Codebook:
-    """Take the codebook at `hook_name` out of `model`, restoring the original HookPoint."""
+    """Take the codebook at `hook_name` out of `model`, restoring the original HookPoint.
+
+    Hooks on the codebook and on its own hook points are removed with it.
+
+    Returns:
+        The detached codebook (its weights unchanged, reusable elsewhere).
+
+    Raises:
+        UnknownHookError: if no codebook sits at `hook_name` (listing the closest sites).
+    """
     present = codebooks_of(model)
     if hook_name not in present:
         raise unknown_hook_error(hook_name, present, what="codebook")
@@ -252,7 +285,14 @@ def detach_codebook(model: torch.nn.Module, hook_name: str) -> Codebook:
 def codebooks_disabled(
     model: torch.nn.Module, names: Iterable[str] | None = None
 ) -> Iterator[None]:
-    """Bypass codebooks (all, or `names`) inside the block: the base model's exact behaviour."""
+    """Bypass codebooks (all, or `names`) inside the block: the base model's exact behaviour.
+
+    A bypassed codebook passes its input through unchanged and runs none of its hook points;
+    each codebook's previous `enabled` state is restored on exit.
+
+    Raises:
+        UnknownHookError: (on entering) for a name in `names` with no codebook.
+    """
     present = codebooks_of(model)
     chosen = list(present) if names is None else list(names)
     for name in chosen:
@@ -273,6 +313,10 @@ class HookedCodebookTransformer(HookedTransformer):
 
     Built like any HookedTransformer (`HookedCodebookTransformer(cfg)`, `.from_pretrained(name)`)
     or wrapped around an existing one with `from_model` (weights shared, not copied).
+    Its additions are methods over the module-level functions (`add_codebook` is
+    `attach_codebook`, ...), plus two fixes of TransformerLens behaviour: `run_with_cache`'s
+    `pos_slice` slices codebook hook points on their own position axis, and cached `generate`
+    gets absolute positions right for models without a tokenizer.
     """
 
     fine_tuned: bool = False
@@ -284,6 +328,10 @@ class HookedCodebookTransformer(HookedTransformer):
 
         Adding codebooks to the result leaves `model` untouched, while fine-tuning the result
         trains `model`'s weights too (they are the same tensors).
+
+        Raises:
+            TypeError: if `model` is not a HookedTransformer.
+            ValueError: if `model` has hooks attached (reset them first).
         """
         if not isinstance(model, HookedTransformer):
             raise TypeError(f"from_model expects a HookedTransformer, got {type(model).__name__}.")
@@ -311,11 +359,25 @@ class HookedCodebookTransformer(HookedTransformer):
         return codebooks_of(self)
 
     def add_codebook(self, codebook: Codebook, hook_name: str | None = None) -> Codebook:
-        """Put `codebook` at `hook_name` (default: its `cfg.hook_name`); see `attach_codebook`."""
+        """Put `codebook` at `hook_name` (default: its `cfg.hook_name`); see `attach_codebook`.
+
+        Returns:
+            `codebook`, now part of the model.
+
+        Raises:
+            UnknownHookError: for a hook name the model does not have.
+            ValueError: for a site that cannot take the codebook (see `attach_codebook`).
+        """
         return attach_codebook(self, codebook, hook_name)
 
     def remove_codebooks(self, names: str | Iterable[str] | None = None) -> dict[str, Codebook]:
-        """Remove codebooks (all when `names` is None); returns the removed ones by name."""
+        """Remove codebooks (all when `names` is None); returns the removed ones by name.
+
+        `names` is one site name or several. Nothing is removed unless every name is found.
+
+        Raises:
+            UnknownHookError: for a name with no codebook (listing the closest sites).
+        """
         chosen = (
             list(self.codebooks)
             if names is None
@@ -330,21 +392,29 @@ class HookedCodebookTransformer(HookedTransformer):
         return {name: detach_codebook(self, name) for name in chosen}
 
     def codebooks_disabled(self, names: Iterable[str] | None = None):  # noqa: ANN201
-        """Context manager: codebooks bypassed inside the block (the base model's behaviour)."""
+        """Context manager: codebooks bypassed inside the block (the base model's behaviour).
+
+        See the function `codebooks_disabled`; raises UnknownHookError for a name with no
+        codebook.
+        """
         return codebooks_disabled(self, names)
 
     def force_codes(self, codes: Mapping[str, Any], positions: int | Iterable[Any] | None = None):  # noqa: ANN201
         """Context manager: these codes are active at `positions` (all when None).
 
         Positions are absolute in the whole sequence; negative ones count back from the end of
-        the input (the prompt, for generate), resolved once; see `interventions.force_codes`.
+        the input (the prompt, for generate), resolved once; see the function `force_codes`,
+        which also lists the errors raised for bad sites, ids and positions.
         """
         from tl_codebook.hooks.interventions import force_codes
 
         return force_codes(self, codes, positions)
 
     def ablate_codes(self, codes: Mapping[str, Any]):  # noqa: ANN201
-        """Context manager: these codes can never be chosen; the next best are; see interventions."""
+        """Context manager: these codes can never be chosen; the next best are.
+
+        See the function `ablate_codes`, which also lists the errors raised for bad sites and ids.
+        """
         from tl_codebook.hooks.interventions import ablate_codes
 
         return ablate_codes(self, codes)
@@ -354,6 +424,13 @@ class HookedCodebookTransformer(HookedTransformer):
 
         The model's own weights are saved too when it was jointly fine-tuned (`fine_tuned`),
         unless `save_model_weights=False`; `True` saves them regardless.
+
+        Returns:
+            `path`, as a `Path`.
+
+        Raises:
+            ValueError: if the model has no codebooks, or `path` is a file or a directory
+                holding other files.
         """
         from tl_codebook.io import save_codebooks
 
@@ -362,7 +439,18 @@ class HookedCodebookTransformer(HookedTransformer):
     def load_codebooks(
         self, path: str | Path, load_model_weights: bool = True
     ) -> dict[str, Codebook]:
-        """Load codebooks saved by `save_codebooks` into this model (replacing any at those sites)."""
+        """Load codebooks saved by `save_codebooks` into this model (replacing any at those sites).
+
+        All or nothing; see the function `load_codebooks` for what is checked.
+
+        Returns:
+            `{site: codebook}` for the codebooks loaded.
+
+        Raises:
+            CodebookFileError: for missing, corrupted or mismatched files, or a model of
+                another shape than the one saved.
+            UnknownHookError: for a saved site this model does not have.
+        """
         from tl_codebook.io import load_codebooks
 
         return load_codebooks(self, path, load_model_weights=load_model_weights)
@@ -402,6 +490,9 @@ class HookedCodebookTransformer(HookedTransformer):
             self._generating = previous
 
     def get_residual(self, embed: Any, pos_offset: int, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
+        """`HookedTransformer.get_residual`; while generating (see `generate`), a cached step of
+        a model with absolute positional embeddings gets an all-ones `attention_mask`
+        (`[batch, pos]`) so each token's position is read from it."""
         if (
             self._generating
             and pos_offset
