@@ -7,7 +7,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck bench clean chromium
+.PHONY: demo test docs lint typecheck bench clean chromium
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -30,9 +30,16 @@ chromium:
 test: $(STAMP) chromium
 	$(BIN)/pytest -n 2 --dist loadfile -q $(ARGS)
 
+# The documentation site, into site/ (open site/index.html). --strict: a broken link, a missing
+# reference or a docstring the API pages cannot render fails the build (CI runs this target).
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
+
+LINTED := tl_codebook tests benchmarks examples docs/hooks
+
 lint: $(STAMP)
-	$(BIN)/ruff check tl_codebook tests benchmarks
-	$(BIN)/ruff format --check tl_codebook tests benchmarks
+	$(BIN)/ruff check $(LINTED)
+	$(BIN)/ruff format --check $(LINTED)
 
 typecheck: $(STAMP)
 	$(BIN)/mypy tl_codebook
@@ -41,4 +48,4 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_snap.py
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) build site *.egg-info

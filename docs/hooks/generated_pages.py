@@ -50,11 +50,7 @@ def _option_rows(parser: argparse.ArgumentParser, group: argparse._ArgumentGroup
         else:
             flags = f"`{action.metavar or action.dest}`"
         default = action.default
-        shown_default = (
-            ""
-            if default in (None, argparse.SUPPRESS, False, [])
-            else f"`{default}`"
-        )
+        shown_default = "" if default in (None, argparse.SUPPRESS, False, []) else f"`{default}`"
         help_text = (action.help or "") % {**vars(action), "prog": parser.prog}
         if action.choices and not isinstance(action, argparse._SubParsersAction):
             help_text += " Choices: " + ", ".join(f"`{c}`" for c in action.choices) + "."
@@ -102,24 +98,44 @@ def cli_reference() -> str:
     return "\n".join(parts)
 
 
-def api_reference(package: str, summary: str) -> str:
-    """One reference page: a mkdocstrings entry for each name in the package's `__all__`."""
+def home_package(module: str) -> str:
+    """The most specific documented package holding `module`: where its names are documented."""
+    homes = [p for p in API_PACKAGES if module == p or module.startswith(p + ".")]
+    return max(homes, key=len)
+
+
+def api_target(package: str, name: str) -> str:
+    """The dotted path mkdocstrings documents `package.name` under: where it is defined."""
     module = importlib.import_module(package)
-    names = list(getattr(module, "__all__", []))
+    obj = getattr(module, name)
+    # lazily exported names (a package's `_LAZY` table) live where the table points
+    defined_in = getattr(module, "_LAZY", {}).get(name) or getattr(obj, "__module__", None)
+    if not (defined_in or "").startswith("tl_codebook"):
+        defined_in = package
+    own_name = getattr(obj, "__name__", name)  # run_comparison is compare.run
+    if getattr(importlib.import_module(defined_in), own_name, None) is not obj:
+        return f"{package}.{name}"  # a constant: documented where the package binds it
+    return f"{defined_in}.{own_name}"
+
+
+def api_reference(package: str, summary: str) -> str:
+    """One reference page: a mkdocstrings entry for each name in the package's `__all__` that
+    this package is the home of, and a cross-reference for names documented on another page."""
+    module = importlib.import_module(package)
     lines = [f"# `{package}`", "", summary, ""]
     if module.__doc__:
         lines += [module.__doc__.strip(), ""]
-    for name in names:
-        obj = getattr(module, name)
-        # lazily exported names (a package's `_LAZY` table) live where the table points
-        defined_in = getattr(module, "_LAZY", {}).get(name) or getattr(obj, "__module__", None)
-        if not (defined_in or "").startswith("tl_codebook"):
-            defined_in = package
-        own_name = getattr(obj, "__name__", name)  # run_comparison is compare.run
-        target = f"{defined_in}.{own_name}"
-        if getattr(importlib.import_module(defined_in), own_name, None) is not obj:
-            target = f"{package}.{name}"  # a constant: documented where the package binds it
+    elsewhere = []
+    for name in getattr(module, "__all__", []):
+        target = api_target(package, name)
+        home = home_package(target.rsplit(".", 1)[0])
+        if home != package:
+            elsewhere.append(f"| [`{name}`][{target}] | [`{home}`]({home}.md) |")
+            continue
         lines += [f"::: {target}", "    options:", "      heading_level: 2", ""]
+    if elsewhere:
+        lines += ["## Also exported here", "", "| name | documented in |", "|---|---|"]
+        lines += elsewhere + [""]
     return "\n".join(lines)
 
 

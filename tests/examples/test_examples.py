@@ -54,7 +54,9 @@ def test_example_runs_at_toy_size(path: Path, tmp_path: Path) -> None:
         text=True,
         timeout=600,
     )
-    assert done.returncode == 0, f"{path.name} failed:\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}"
+    assert done.returncode == 0, (
+        f"{path.name} failed:\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}"
+    )
     for figure in tmp_path.rglob("*.png"):
         pixels = matplotlib.image.imread(figure)
         assert pixels.ndim == 3 and min(pixels.shape[:2]) >= 100, figure
