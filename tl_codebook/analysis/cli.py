@@ -416,8 +416,19 @@ def add_search_command(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--hook", default=None, help="search one codebook (default: all)")
     parser.add_argument("--group", type=int, default=0, help="with --code: the codebook group")
-    parser.add_argument("--min-precision", type=float, default=0.0)
-    parser.add_argument("--min-recall", type=float, default=0.0)
+    parser.add_argument(
+        "--min-precision",
+        type=float,
+        default=0.0,
+        help="list only codes whose firings fall on the query at least this often (0 to 1)",
+    )
+    parser.add_argument(
+        "--min-recall",
+        type=float,
+        default=0.0,
+        help="list only codes that fire on at least this fraction of the query's positions "
+        "(0 to 1)",
+    )
     parser.add_argument("--top", type=int, default=20, help="how many codes (or contexts) to list")
     parser.add_argument(
         "--window", type=int, default=8, help="with --code: tokens shown either side"

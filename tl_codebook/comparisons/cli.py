@@ -136,12 +136,32 @@ def add_compare_command(parser: argparse.ArgumentParser) -> None:
         "--ks", default="1,4", help="k values for specs without one (default: 1,4)"
     )
     methods.add_argument("--d-sae", type=int, default=128, help="latents / codes per method")
-    methods.add_argument("--training-tokens", type=int, default=1_048_576)
+    methods.add_argument(
+        "--training-tokens",
+        type=int,
+        default=1_048_576,
+        help="activations (tokens) each method trains on; epochs over the store repeat as needed",
+    )
     methods.add_argument("--batch-size", type=int, default=1024, help="tokens per step")
-    methods.add_argument("--lr", type=float, default=3e-3)
-    methods.add_argument("--seed", type=int, default=0)
+    methods.add_argument(
+        "--lr",
+        type=float,
+        default=3e-3,
+        help="learning rate (Adam, constant) for specs without their own lr",
+    )
+    methods.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="random seed of every method's training and of the steering trials",
+    )
     evaluation = parser.add_argument_group("evaluation")
-    evaluation.add_argument("--steering-prompts", type=int, default=256)
+    evaluation.add_argument(
+        "--steering-prompts",
+        type=int,
+        default=256,
+        help="prompts steered per method (each towards a concept the task draws)",
+    )
     evaluation.add_argument(
         "--steering-positions",
         default="last",
@@ -149,7 +169,13 @@ def add_compare_command(parser: argparse.ArgumentParser) -> None:
         help="last: where the prompt's concept becomes known; generation: from there on, every "
         "position that predicts a generated token",
     )
-    evaluation.add_argument("--precise-threshold", type=float, default=0.9)
+    evaluation.add_argument(
+        "--precise-threshold",
+        type=float,
+        default=0.9,
+        help="a concept has a precise latent when one latent's precision and recall for it "
+        "are both at least this (0 to 1)",
+    )
     run_group = parser.add_argument_group("run")
     run_group.add_argument("--out", default="runs/compare", help="run and report directory")
     run_group.add_argument("--device", default="cpu", help="cpu, cuda, ... (default: cpu)")

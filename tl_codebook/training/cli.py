@@ -46,10 +46,24 @@ def add_train_command(parser: argparse.ArgumentParser) -> None:
     what.add_argument(
         "--layers", default="all", help="layers for sites without their own (default: all)"
     )
-    what.add_argument("--num-codes", type=int, default=1000)
-    what.add_argument("--k", type=int, default=1)
     what.add_argument(
-        "--similarity", default="inner_product", choices=["inner_product", "cosine", "euclidean"]
+        "--num-codes",
+        type=int,
+        default=1000,
+        help="codes per codebook (per group), for sites without their own num_codes",
+    )
+    what.add_argument(
+        "--k",
+        type=int,
+        default=1,
+        help="codes active per token (the output is their mean), for sites without their own k",
+    )
+    what.add_argument(
+        "--similarity",
+        default="inner_product",
+        choices=["inner_product", "cosine", "euclidean"],
+        help="how activations score against codes (euclidean: negative distance), for sites "
+        "without their own",
     )
     how = parser.add_argument_group("how")
     how.add_argument(
@@ -58,26 +72,77 @@ def add_train_command(parser: argparse.ArgumentParser) -> None:
         choices=MODES,
         help="frozen: only codebooks learn; joint: fine-tune the model too (the paper)",
     )
-    how.add_argument("--steps", type=int, default=1000)
-    how.add_argument("--batch-size", type=int, default=32)
-    how.add_argument("--seq-len", type=int, default=128)
-    how.add_argument("--lr", type=float, default=1e-3)
-    how.add_argument("--model-lr-factor", type=float, default=1.0)
-    how.add_argument("--codebook-weight-decay", type=float, default=0.01)
-    how.add_argument("--warmup-steps", type=int, default=0)
-    how.add_argument("--schedule", default="constant", choices=SCHEDULES)
-    how.add_argument("--grad-clip", type=float, default=None)
+    how.add_argument(
+        "--steps", type=int, default=1000, help="optimizer steps (one batch each) in the whole run"
+    )
+    how.add_argument(
+        "--batch-size",
+        type=int,
+        default=32,
+        help="sequences per step (under torchrun: in total, split across ranks)",
+    )
+    how.add_argument(
+        "--seq-len",
+        type=int,
+        default=128,
+        help="tokens per sequence (documents are packed and cut to this length; at most the "
+        "model's n_ctx)",
+    )
+    how.add_argument(
+        "--lr", type=float, default=1e-3, help="peak learning rate of the codebooks (AdamW)"
+    )
+    how.add_argument(
+        "--model-lr-factor",
+        type=float,
+        default=1.0,
+        help="joint mode: the model's learning rate is --lr times this",
+    )
+    how.add_argument(
+        "--codebook-weight-decay",
+        type=float,
+        default=0.01,
+        help="AdamW weight decay of the codebooks' codes",
+    )
+    how.add_argument(
+        "--warmup-steps",
+        type=int,
+        default=0,
+        help="steps of linear learning-rate warm-up from 0 (0: none)",
+    )
+    how.add_argument(
+        "--schedule",
+        default="constant",
+        choices=SCHEDULES,
+        help="learning rate after warm-up: constant, or a cosine or linear decay to 0 at --steps",
+    )
+    how.add_argument(
+        "--grad-clip",
+        type=float,
+        default=None,
+        help="clip the global gradient norm to this value (default: no clipping)",
+    )
     how.add_argument(
         "--kl-coef", type=float, default=0.0, help="frozen mode: weight of KL to the base model"
     )
-    how.add_argument("--codebook-init", default="random", choices=CODEBOOK_INITS)
+    how.add_argument(
+        "--codebook-init",
+        default="random",
+        choices=CODEBOOK_INITS,
+        help="how codes start: random Gaussian codes, random real activations, or k-means "
+        "centres of the first batches' activations",
+    )
     how.add_argument(
         "--dead-code-every",
         type=int,
         default=0,
         help="replace unused codes every N steps (0: never)",
     )
-    how.add_argument("--seed", type=int, default=0)
+    how.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="random seed of the codebooks' initialisation and the training run",
+    )
     how.add_argument(
         "--device", default=None, help="cpu, cuda, ... (default: TransformerLens' choice)"
     )
@@ -137,8 +202,14 @@ def add_data_arguments(
         required=required,
         help="HF hub dataset name, or a local .txt/.json/.jsonl/.parquet file",
     )
-    group.add_argument("--text-column", default="text")
-    group.add_argument("--split", default="train")
+    group.add_argument(
+        "--text-column",
+        default="text",
+        help="the column of each record holding its text (.json/.jsonl/.parquet, hub datasets)",
+    )
+    group.add_argument(
+        "--split", default="train", help="the split of a hub dataset to read (e.g. train)"
+    )
     group.add_argument(
         "--bos-token-id",
         type=int,
