@@ -37,6 +37,10 @@ def initialise_codebook(
     `rows` are inputs of the codebook, `[n, d_in]` or `[n, n_groups, d_group]`, with any rows
     that must not become codes (BOS positions) already removed; the data-driven methods need at
     least `num_codes` of them. Computation runs on the rows' device.
+
+    Raises:
+        ValueError: for an unknown `method`; for "activations"/"kmeans", `rows` that are None,
+            of another width, fewer than `num_codes`, or holding NaN or infinite values.
     """
     check_choice("codebook init method", method, CODEBOOK_INITS)
     cfg = codebook.cfg

@@ -27,28 +27,49 @@ _STR_KEYS = ("similarity",)
 
 @dataclass
 class SiteSpec:
-    """One kind of site, at one or more layers, with its codebook settings."""
+    """One kind of site, at one or more layers, with its codebook settings.
+
+    `resolve_sites` turns it into concrete hook names and `CodebookConfig`s on a model.
+    """
 
     at: str
+    """A hook name relative to `blocks.L` ("hook_mlp_out", "attn.hook_z") or a full one."""
     layers: str | None = None
     """None: the run's default layers (TrainConfig.layers, itself 'all' by default)."""
     group: bool = False
+    """One codebook group per attention head (for per-head sites such as attn.hook_z)."""
     options: dict[str, object] = field(default_factory=dict)
     """CodebookConfig overrides for this site: num_codes, k, similarity, coefficients."""
 
     def to_dict(self) -> dict[str, object]:
+        """The spec as a JSON-ready dict (the inverse of `from_dict`)."""
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any] | str) -> SiteSpec:
-        """From its JSON form, or from the spec string the CLI takes (`parse_site`)."""
+        """From its JSON form, or from the spec string the CLI takes (`parse_site`).
+
+        Raises:
+            ValueError: for a spec string `parse_site` refuses, or a dict with an unknown key,
+                no `at`, or a value of the wrong type.
+        """
         if isinstance(data, str):
             return parse_site(data)
         return dataclass_from_dict(cls, data)
 
 
 def parse_site(text: str) -> SiteSpec:
-    """Parse `SITE[:group][:key=value ...]` (see the module docstring)."""
+    """Parse `SITE[:group][:key=value ...]` (see the module docstring).
+
+    For example `"attn.hook_z:group:k=8:layers=0-3"` is `SiteSpec(at="attn.hook_z",
+    layers="0-3", group=True, options={"k": 8})`. Nothing is checked against a model here;
+    `resolve_sites` does that.
+
+    Raises:
+        ValueError: for an empty spec, a part that is neither `group` nor `key=value`, an
+            unknown key (listing the valid ones), or a value that is not a number where one
+            belongs.
+    """
     parts = [p.strip() for p in text.split(":") if p.strip()]
     if not parts:
         raise ValueError("Empty site spec; expected e.g. 'hook_mlp_out' or 'attn.hook_z:group'.")
@@ -121,7 +142,26 @@ def resolve_sites(
 ) -> dict[str, CodebookConfig]:
     """Concrete hook names and codebook configs for `specs` on `model` (widths probed).
 
-    `specs` are `SiteSpec`s, spec strings (`parse_site`) or their JSON dicts."""
+    `specs` are `SiteSpec`s, spec strings (`parse_site`) or their JSON dicts. A relative site
+    becomes one hook per chosen layer; `d_in` is the activation's size per position, probed with
+    a one-token forward.
+
+    Args:
+        model: the model the sites are looked up in.
+        specs: the sites.
+        defaults: CodebookConfig settings for sites that do not set them (e.g.
+            `TrainConfig.codebook_defaults()`).
+        layers: the layers for sites without their own (`all`, `3`, `0-2`, `1,3`).
+
+    Returns:
+        `{hook_name: CodebookConfig}`, in the order of the specs and layers.
+
+    Raises:
+        UnknownHookError: for a hook name the model does not have.
+        ValueError: for unreadable or out-of-range layers, `:group` on a per-token site, a
+            per-head site without `:group` (or a matching `n_groups`), a site named twice, or
+            settings `CodebookConfig` refuses (e.g. `k > num_codes`).
+    """
     defaults = dict(defaults or {})
     resolved: dict[str, CodebookConfig] = {}
     for spec in (s if isinstance(s, SiteSpec) else SiteSpec.from_dict(s) for s in specs):

@@ -57,16 +57,29 @@ DEAD_CODE_SAMPLES = 4096
 
 
 class TrainingDivergedError(RuntimeError):
-    """The loss became NaN or infinite; a diagnostic checkpoint was written."""
+    """The loss became NaN or infinite; a diagnostic checkpoint was written.
+
+    A `RuntimeError`, not a user error: the settings were valid, the run itself broke (a
+    learning rate too high, activations that overflow). The message names the step and the
+    checkpoint (under `out_dir`; none without one).
+    """
 
 
 @dataclass
 class TrainResult:
+    """What a training run returns: how far it got, its losses, and the codebooks it trained."""
+
     steps: int
+    """The step count reached (config.steps, counting the steps of earlier resumptions)."""
     final_loss: float
+    """The loss of the last step (NaN when no step ran, e.g. resuming a finished run)."""
     history: list[dict[str, float]] = field(default_factory=list)
+    """One dict of metrics (loss, dead-code fraction, tokens per second, ...) per logged step
+    of this call (every `log_every` steps and the last), as written to metrics.jsonl."""
     out_dir: Path | None = None
+    """The run directory (checkpoints, metrics.jsonl), or None without one."""
     codebooks: dict[str, Codebook] = field(default_factory=dict)
+    """The trained codebooks by site (they are in the model, for `train_codebooks`)."""
     tokens: int = 0
     """Tokens (activation rows, on activations) the training steps consumed, over all ranks and
     over every resumption of the run; the initialisation's batches are not counted."""
@@ -75,6 +88,7 @@ class TrainResult:
     init_tokens: int = 0
     """Tokens (rows) the 'activations'/'kmeans' initialisation used (0: random or resumed)."""
     init_seconds: float = 0.0
+    """Wall time of that initialisation (collecting activations, k-means)."""
 
 
 def train_codebooks(
@@ -92,6 +106,29 @@ def train_codebooks(
     torchrun each rank trains on its slice of every global batch. Checkpoints record the data
     (`data_id`, any JSON value naming it, and a fingerprint of the first batch); a resume on
     other data is refused.
+
+    Args:
+        model: the model; frozen mode leaves its weights alone, joint mode fine-tunes them.
+        data: token batches `[batch, pos]` of integer ids in the model's vocabulary (at least
+            `config.seq_len` tokens per row when it is set), enough for `config.steps` steps
+            plus `init_batches` for a data-driven initialisation.
+        config: every setting of the run (checked when it was built).
+        resume: continue from the latest checkpoint in `config.out_dir` (a new run when the
+            directory has none and no results).
+        data_id: a JSON value naming the data, checked on resume.
+
+    Returns:
+        The `TrainResult`; the model holds the trained codebooks.
+
+    Raises:
+        ValueError: for bad inputs found before or while training: a frozen run without
+            sites, an unknown site (`UnknownHookError`) or one the codebook does not fit,
+            token batches of the wrong dtype, shape or vocabulary, `seq_len` above `n_ctx`,
+            too few rows for the initialisation, data that runs out, or a resume that does not
+            match its checkpoint (config, data, steps), has no `out_dir`, or finds results
+            but no checkpoint there.
+        TrainingDivergedError: when the loss becomes NaN or infinite.
+        RunDirLockedError: (an OSError) when another process is training into `out_dir`.
     """
     return Trainer(model, data, config, data_id=data_id).run(resume=resume)
 
@@ -113,6 +150,17 @@ def train_codebooks_on_activations(
     `exclude_token_ids` need a model and are refused or unused: exclude BOS rows before. The loss
     is `mse_coef` times each codebook's reconstruction MSE (`mse_reduction`). `data_id` names
     the data in checkpoints, as for `train_codebooks`.
+
+    Returns:
+        The `TrainResult`; the codebooks are trained in place.
+
+    Raises:
+        ValueError: for a mode other than "frozen", `sites` / `kl_coef` / `seq_len` set, no
+            codebooks, a batch that is not one tensor per codebook, rows that are not float
+            `[rows, d_in]` (or `[rows, n_groups, d_group]`), unequal row counts, too few rows
+            for the initialisation, or a resume that does not match its checkpoint.
+        TrainingDivergedError: when the loss becomes NaN or infinite.
+        RunDirLockedError: (an OSError) when another process is training into `out_dir`.
     """
     if config.mode != "frozen":
         raise ValueError(
@@ -142,6 +190,13 @@ def lr_factor(step: int, config: TrainConfig) -> float:
     cosine or linear decay from 1 at the end of warm-up to `min_lr_fraction` at `steps`.
 
     A pure function of the step, so a resumed run needs no scheduler state beyond the step.
+
+    Args:
+        step: the 0-based step index.
+        config: supplies `warmup_steps`, `schedule`, `steps` and `min_lr_fraction`.
+
+    Returns:
+        The factor in `[0, 1]` the base learning rates are multiplied by at `step`.
     """
     if config.warmup_steps and step < config.warmup_steps:
         return (step + 1) / config.warmup_steps
