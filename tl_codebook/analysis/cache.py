@@ -49,11 +49,19 @@ SCORE_DTYPE = np.dtype(np.float16)
 
 
 class CodeCacheError(ValueError):
-    """A directory that is not a complete, intact code cache (or not one for the given model)."""
+    """A directory that is not a complete, intact code cache (or not one for the given model).
+
+    A `ValueError`: raised by `CodeCache.open` (no cache there, an unfinished build, another
+    format version, a missing or truncated array file) and `CodeCache.check_model`.
+    """
 
 
 class UnknownCacheHookError(KeyError, ValueError):
-    """A hook the cache does not hold; the message lists the hooks it does hold."""
+    """A hook the cache does not hold; the message lists the hooks it does hold.
+
+    Both a `KeyError` (a lookup by name failed) and a `ValueError` (a bad argument), so either
+    `except` catches it.
+    """
 
     def __str__(self) -> str:  # KeyError would quote the whole message
         return str(self.args[0]) if self.args else ""
@@ -80,12 +88,23 @@ class CodeIndex:
     """
 
     offsets: np.ndarray
+    """int64 `[n_groups * num_codes + 1]`: where each (group, code)'s positions start."""
     positions: np.ndarray
+    """int32 (int64 for huge caches) `[firings]`: flat token positions, grouped by code."""
     n_groups: int
+    """Groups of the codebook."""
     num_codes: int
+    """Codes per group."""
 
     def positions_of(self, code: int, group: int = 0) -> np.ndarray:
-        """Flat positions where `code` of `group` fires, ascending (a view: O(firings))."""
+        """Flat positions where `code` of `group` fires, ascending (a view: O(firings)).
+
+        Returns:
+            `[firings]` flat positions `seq * seq_len + pos`.
+
+        Raises:
+            ValueError: for a group or code out of range.
+        """
         if not 0 <= group < self.n_groups:
             raise ValueError(f"group must lie in [0, {self.n_groups}), got {group}.")
         if not 0 <= code < self.num_codes:
@@ -406,7 +425,13 @@ class CodeCache:
 
     Make one with `CodeCache.build(model, tokens, path)`, reopen it with `CodeCache.open(path)`.
     Arrays are read-only `np.memmap`s: a cache larger than memory works, and nothing is copied
-    until a query touches it.
+    until a query touches it. Queries name a codebook by its hook name; an unknown one raises
+    `UnknownCacheHookError` listing the hooks the cache holds.
+
+    Args:
+        path: the cache directory.
+        manifest: its parsed `manifest.json`.
+        arrays: the memory-mapped arrays. Use `build` or `open` rather than this constructor.
     """
 
     def __init__(self, path: Path, manifest: dict[str, Any], arrays: dict[str, np.ndarray]):
@@ -440,6 +465,28 @@ class CodeCache:
         stops after the last cached codebook's block. `scores=True` also stores the similarity of
         each chosen code. Atomic: until the manifest is written last, nothing opens as a cache.
         Under torchrun every rank must call this with the same arguments (see module docstring).
+
+        Args:
+            model: a model with codebooks attached.
+            tokens: integer token ids `[n_seq, pos]` (tensor or numpy array), or an iterable of
+                `[batch, pos]` batches (all of one `pos`).
+            path: the directory to write (replaced whole when it exists).
+            hooks: the codebooks to cache (default: all of the model's).
+            batch_size: sequences per forward when `tokens` is one array.
+            vocab: the token strings, indexed by id (default: the tokenizer's decoding of each
+                id, else `str(id)`).
+            scores: also store each chosen code's similarity (float16).
+            progress: show a progress bar.
+
+        Returns:
+            The new cache, opened.
+
+        Raises:
+            ValueError: if the model has no codebooks, `hooks` is empty, names a non-codebook
+                or one twice, `batch_size < 1`, the corpus is empty, a batch is not an integer
+                `[n_seq, pos]` tensor, a token id is negative, or `vocab` is shorter than the
+                largest token id.
+            TypeError: for batches that are not tensors, or a `vocab` of non-strings.
         """
         from tl_codebook.training.distributed import dist_info_from_env, init_distributed
 
@@ -545,6 +592,9 @@ class CodeCache:
         Refuses, naming the problem: a directory that is not a cache, an unfinished build, an
         unknown format, a missing or truncated array file, and (with `model`) a cache built for
         another model than `model` (weights fingerprint).
+
+        Raises:
+            CodeCacheError: for any of those problems.
         """
         path = Path(path)
         manifest = _read_manifest(path)
@@ -578,7 +628,11 @@ class CodeCache:
         return cache
 
     def check_model(self, model: torch.nn.Module) -> None:
-        """Raise a CodeCacheError unless the cache was built for `model`'s weights."""
+        """Check that the cache was built for `model`'s weights (a fingerprint of them).
+
+        Raises:
+            CodeCacheError: if it was built for another model or other weights.
+        """
         fingerprint = model_fingerprint(model)
         if fingerprint != self._manifest["model_fingerprint"]:
             raise CodeCacheError(
@@ -593,10 +647,13 @@ class CodeCache:
 
     @property
     def path(self) -> Path:
+        """The cache directory."""
         return self._path
 
     @property
     def manifest(self) -> dict[str, Any]:
+        """The parsed `manifest.json`: format version, model name and fingerprint, sizes, and
+        one entry per cached codebook (name, file id, n_groups, k, num_codes, dtypes)."""
         return self._manifest
 
     @property
@@ -643,16 +700,28 @@ class CodeCache:
 
     def codes(self, hook: str) -> np.ndarray:
         """Code ids at `hook`, [n_seq, seq_len, n_groups, k] (read-only memmap; the ids the
-        model's `{hook}.hook_codes` gave)."""
+        model's `{hook}.hook_codes` gave).
+
+        Raises:
+            UnknownCacheHookError: for a hook the cache does not hold.
+        """
         return self._arrays[f"codes/{self._hook(hook)['file_id']}"]
 
     def scores(self, hook: str) -> np.ndarray | None:
         """The similarity of each chosen code, float16 [n_seq, seq_len, n_groups, k], or None
-        when the cache was built without `scores=True`."""
+        when the cache was built without `scores=True`.
+
+        Raises:
+            UnknownCacheHookError: for a hook the cache does not hold.
+        """
         return self._arrays.get(f"scores/{self._hook(hook)['file_id']}")
 
     def index(self, hook: str) -> CodeIndex:
-        """The inverted index of the codebook at `hook` (code -> positions)."""
+        """The inverted index of the codebook at `hook` (code -> positions).
+
+        Raises:
+            UnknownCacheHookError: for a hook the cache does not hold.
+        """
         entry = self._hook(hook)
         file_id = entry["file_id"]
         return CodeIndex(
@@ -663,12 +732,22 @@ class CodeCache:
         )
 
     def shape_of(self, hook: str) -> tuple[int, int, int]:
-        """(n_groups, k, num_codes) of the codebook at `hook`."""
+        """(n_groups, k, num_codes) of the codebook at `hook`.
+
+        Raises:
+            UnknownCacheHookError: for a hook the cache does not hold.
+        """
         entry = self._hook(hook)
         return int(entry["n_groups"]), int(entry["k"]), int(entry["num_codes"])
 
     def check_code(self, hook: str, code: int, group: int = 0) -> None:
-        """Raise a ValueError unless `code` of `group` exists in the codebook at `hook`."""
+        """Check that `code` of `group` exists in the codebook at `hook`.
+
+        Raises:
+            UnknownCacheHookError: for a hook the cache does not hold.
+            TypeError: for a non-integer (or bool) code or group.
+            ValueError: for a group or code out of range.
+        """
         n_groups, _, num_codes = self.shape_of(hook)
         if isinstance(group, bool) or not isinstance(group, (int, np.integer)):
             raise TypeError(f"group must be an integer, got {group!r}.")
@@ -718,7 +797,22 @@ class CodeCache:
         top: int | None = 20,
     ) -> list[CodeMatch]:
         """Codes ranked by F1 against the positions labelled by `tokens`, `regex` or `mask`
-        (`tl_codebook.analysis.search.search`)."""
+        (`tl_codebook.analysis.search.search`).
+
+        Exactly one of `tokens` (token ids), `regex` (over the decoded text) or `mask`
+        (booleans `[n_seq, seq_len]`) labels the positions; `hook` limits the search to one
+        codebook.
+
+        Returns:
+            At most `top` (None: all) `CodeMatch`es, best F1 first.
+
+        Raises:
+            ValueError: for not exactly one query, an empty or out-of-vocabulary token list, a
+                regex that does not compile, a mask of the wrong shape, `min_precision` /
+                `min_recall` outside [0, 1], or `top < 1`.
+            TypeError: for non-integer token ids or a non-boolean mask.
+            UnknownCacheHookError: for a hook the cache does not hold.
+        """
         from tl_codebook.analysis.search import search
 
         return search(
@@ -735,7 +829,16 @@ class CodeCache:
     def top_contexts(
         self, hook: str, code: int, group: int = 0, n: int = 20, window: int = 8
     ) -> list[CodeContext]:
-        """Where `code` fires, with `window` tokens each side (`analysis.contexts.top_contexts`)."""
+        """Where `code` fires, with `window` tokens each side (`analysis.contexts.top_contexts`).
+
+        The `n` firings with the highest stored score, or the first `n` in corpus order when
+        the cache has no scores.
+
+        Raises:
+            UnknownCacheHookError: for a hook the cache does not hold.
+            TypeError: for a non-integer code or group.
+            ValueError: for a code or group out of range, or a negative `n` / `window`.
+        """
         from tl_codebook.analysis.contexts import top_contexts
 
         return top_contexts(self, hook, code, group=group, n=n, window=window)
@@ -743,33 +846,76 @@ class CodeCache:
     def random_contexts(
         self, hook: str, code: int, group: int = 0, n: int = 20, window: int = 8, seed: int = 0
     ) -> list[CodeContext]:
-        """A uniform random sample of the code's firings (`analysis.contexts.random_contexts`)."""
+        """A uniform random sample of the code's firings (`analysis.contexts.random_contexts`).
+
+        `n` firings without replacement (all when there are fewer), in corpus order, the same
+        for the same `seed`.
+
+        Raises:
+            UnknownCacheHookError: for a hook the cache does not hold.
+            TypeError: for a non-integer code or group.
+            ValueError: for a code or group out of range, or a negative `n` / `window`.
+        """
         from tl_codebook.analysis.contexts import random_contexts
 
         return random_contexts(self, hook, code, group=group, n=n, window=window, seed=seed)
 
     def quantile_contexts(self, hook: str, code: int, group: int = 0, **kwargs: Any) -> Any:
-        """Firings sampled across score quantiles (`analysis.contexts.quantile_contexts`)."""
+        """Firings sampled across score quantiles (`analysis.contexts.quantile_contexts`).
+
+        Keyword arguments `n_quantiles`, `n`, `window`, `seed`; returns one list of
+        `CodeContext`s per quantile, the best first (ValueError for `n_quantiles < 1`).
+
+        Raises:
+            UnknownCacheHookError: for a hook the cache does not hold.
+            TypeError: for a non-integer code or group.
+            ValueError: for a code or group out of range, or a negative `n` / `window`.
+        """
         from tl_codebook.analysis.contexts import quantile_contexts
 
         return quantile_contexts(self, hook, code, group=group, **kwargs)
 
     def code_density(self, hook: str) -> Any:
-        """Firing frequency of every code (`analysis.contexts.code_density`)."""
+        """Firing frequency of every code (`analysis.contexts.code_density`).
+
+        Returns:
+            float64 `[n_groups, num_codes]`: the fraction of cached tokens at which each code
+            fires.
+
+        Raises:
+            UnknownCacheHookError: for a hook the cache does not hold.
+        """
         from tl_codebook.analysis.contexts import code_density
 
         return code_density(self, hook)
 
     def cofiring(self, hook: str, code: int, group: int = 0, top: int = 10) -> Any:
         """Codes of every codebook whose positions overlap this code's most (Jaccard;
-        `analysis.contexts.cofiring`)."""
+        `analysis.contexts.cofiring`).
+
+        Returns:
+            At most `top` `CoFiring`s (hook, group, code, Jaccard index, overlap), best first.
+
+        Raises:
+            UnknownCacheHookError: for a hook the cache does not hold.
+            TypeError: for a non-integer code or group.
+            ValueError: for a code or group out of range, or `top < 1`.
+        """
         from tl_codebook.analysis.contexts import cofiring
 
         return cofiring(self, hook, code, group=group, top=top)
 
     def topic_codes(self, hook: str, min_fraction: float = 0.2) -> Any:
         """Codes firing on at least `min_fraction` of one sequence's tokens
-        (`analysis.contexts.topic_codes`)."""
+        (`analysis.contexts.topic_codes`).
+
+        Returns:
+            A `TopicCode` per such code (its sequences and fractions), highest fraction first.
+
+        Raises:
+            UnknownCacheHookError: for a hook the cache does not hold.
+            ValueError: for `min_fraction` outside (0, 1].
+        """
         from tl_codebook.analysis.contexts import topic_codes
 
         return topic_codes(self, hook, min_fraction=min_fraction)

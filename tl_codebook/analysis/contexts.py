@@ -27,12 +27,18 @@ class CodeContext:
     """
 
     seq: int
+    """The sequence (row of the cache) of the firing token."""
     pos: int
+    """The firing token's position in its sequence."""
     token_ids: list[int]
+    """The window's token ids, at most `2 * window + 1`."""
     center: int
+    """Index of the firing token in `token_ids`."""
     score: float | None = None
+    """The chosen code's similarity there, when the cache stores scores."""
 
     def to_dict(self) -> dict[str, Any]:
+        """The context as a plain JSON-ready dict (field name -> value)."""
         return asdict(self)
 
 

@@ -230,15 +230,31 @@ def write_dashboard(
 ) -> Path:
     """Write the code browser for `cache` into `out_dir` (replaced whole); returns its index.html.
 
-    model: the model the cache was built from; adds each code's logit effects (top and bottom
-        tokens of the code vector carried to the unembedding) and its most similar codes.
-    labels: concept labels per token, ids of shape (n_seq, seq_len) with -1 for none, optionally as
-        `(ids, names)`; adds each code's precision/recall for its best-matching labels.
-    steering: results of switching codes on, shown as a table on the index: a mapping of
-        condition -> value or -> dict of columns, or a list of row dicts.
-    top_codes: detail (contexts, co-firing, effects) only for the `top_codes` most frequent codes
-        of each codebook group, to keep a very large site quick to write; None details every live
-        code. Every code still gets its count and density.
+    The site is static and self-contained: open `index.html` from disk, no server needed.
+
+    Args:
+        cache: the `CodeCache` to browse.
+        out_dir: the directory to write (built under a temporary name, swapped in whole).
+        model: the model the cache was built from; adds each code's logit effects (top and
+            bottom tokens of the code vector carried to the unembedding) and its most similar
+            codes.
+        labels: concept labels per token, integer ids of shape (n_seq, seq_len) with -1 for
+            none, optionally as `(ids, names)`; adds each code's precision/recall for its
+            best-matching labels.
+        steering: results of switching codes on, shown as a table on the index: a mapping of
+            condition -> value or -> dict of columns, or a list of row dicts.
+        top_codes: detail (contexts, co-firing, effects) only for the `top_codes` most frequent
+            codes of each codebook group, to keep a very large site quick to write; None details
+            every live code. Every code still gets its count and density.
+
+    Returns:
+        The path of the site's `index.html`.
+
+    Raises:
+        ValueError: for `top_codes` that is not a positive integer, labels that are not integers
+            of shape (n_seq, seq_len) or have fewer names than label ids, or a model lacking a
+            codebook at one of the cache's hooks.
+        TypeError: for `steering` that is neither a mapping nor a list of row dicts.
     """
     if top_codes is not None and (not isinstance(top_codes, int) or top_codes < 1):
         raise ValueError(f"top_codes must be a positive integer or None, got {top_codes!r}.")

@@ -56,15 +56,24 @@ class CodeMatch:
     """
 
     hook: str
+    """The codebook's hook name."""
     group: int
+    """The codebook group the code belongs to."""
     code: int
+    """The code id within its group."""
     precision: float
+    """Of the code's firings, the fraction on labelled positions."""
     recall: float
+    """Of the labelled positions, the fraction where the code fires."""
     f1: float
+    """The harmonic mean of precision and recall."""
     count: int
+    """The code's firings over the whole cache."""
     true_positives: int
+    """Its firings on labelled positions."""
 
     def to_dict(self) -> dict[str, Any]:
+        """The match as a plain JSON-ready dict (field name -> value)."""
         return asdict(self)
 
 
