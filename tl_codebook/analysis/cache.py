@@ -663,14 +663,17 @@ class CodeCache:
 
     @property
     def n_seq(self) -> int:
+        """Sequences in the cache (the first axis of every array)."""
         return int(self._manifest["n_seq"])
 
     @property
     def seq_len(self) -> int:
+        """Tokens per sequence."""
         return int(self._manifest["seq_len"])
 
     @property
     def n_tokens(self) -> int:
+        """All cached tokens: `n_seq * seq_len`."""
         return int(self._manifest["n_tokens"])
 
     @property

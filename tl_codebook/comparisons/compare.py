@@ -87,13 +87,22 @@ DEFAULT_METHODS = ("codebook", "codebook_saelens", "topk", "batchtopk")
 
 @dataclass
 class ComparisonConfig:
-    """One config for the whole comparison: the matched training budget and the evaluation."""
+    """One config for the whole comparison: the matched training budget and the evaluation.
+
+    Its parts may be given as dicts (as `to_dict` writes them); each is built and checked.
+
+    Raises:
+        ValueError: on construction, for a part that its own class refuses.
+    """
 
     training: TrainingConfig
+    """The matched budget every trained method gets."""
     evaluation: EvalConfig = field(default_factory=EvalConfig)
+    """How every method is scored."""
     methods: list[MethodSpec] = field(
         default_factory=lambda: [MethodSpec(kind) for kind in DEFAULT_METHODS]
     )
+    """The methods to train (default: codebook, codebook_saelens, topk, batchtopk)."""
 
     def __post_init__(self) -> None:
         if isinstance(self.training, dict):
@@ -105,6 +114,7 @@ class ComparisonConfig:
         ]
 
     def to_dict(self) -> dict[str, Any]:
+        """The config as a JSON-ready dict of its three parts (the inverse of `from_dict`)."""
         return {
             "training": self.training.to_dict(),
             "evaluation": self.evaluation.to_dict(),
@@ -113,6 +123,11 @@ class ComparisonConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ComparisonConfig:
+        """The config a dict from `to_dict` describes.
+
+        Raises:
+            ValueError: for an unknown or missing key, or a part its class refuses.
+        """
         return dataclass_from_dict(cls, data)
 
 
@@ -133,6 +148,7 @@ class ComparisonResult:
     """The comparison's outcome: one row per method, per-method details, and provenance."""
 
     rows: list[dict[str, Any]]
+    """One dict of scores per method (`CONTRACT_COLUMNS` and more), NaN where not computed."""
     details: dict[str, dict[str, Any]] = field(default_factory=dict)
     """Per method: latent densities and their histogram, mean active values, per-state scores."""
     agreement: list[dict[str, Any]] = field(default_factory=list)
@@ -143,6 +159,11 @@ class ComparisonResult:
     """The trained methods (not saved by `to_json`; `save` writes their weights)."""
 
     def row(self, method: str) -> dict[str, Any]:
+        """The row of the method named `method`.
+
+        Raises:
+            KeyError: for a name no row has (the message lists the methods).
+        """
         for row in self.rows:
             if row["method"] == method:
                 return row
@@ -203,14 +224,25 @@ class ComparisonResult:
         return summary_figure(self)
 
     def save(self, out_dir: str | Path) -> Path:
-        """Write the report directory (CSV, JSON, markdown, plots, index.html); see `report`."""
+        """Write the report directory (CSV, JSON, markdown, plots, index.html); see `report`.
+
+        Returns:
+            The report directory.
+        """
         from tl_codebook.comparisons.report import write_report
 
         return write_report(self, out_dir)
 
     @classmethod
     def load(cls, out_dir: str | Path) -> ComparisonResult:
-        """Read a report directory written by `save` (without the trained methods)."""
+        """Read a report directory written by `save` (without the trained methods).
+
+        Nulls in comparison.json come back as NaN.
+
+        Raises:
+            FileNotFoundError: if `out_dir` has no comparison.json.
+            json.JSONDecodeError: (a ValueError) for a file that is not valid JSON.
+        """
         out = Path(out_dir)
         rows = json.loads((out / "comparison.json").read_text())
         extra = out / "details.json"
@@ -291,6 +323,26 @@ def run(
     hook. `task` (default: the one the evaluation store's metadata names) enables the concept
     and steering metrics. With `out_dir` the trained methods are saved under
     `out_dir/methods/` and the report is written there.
+
+    Args:
+        store: the training activations.
+        methods: what to compare (default: `config.methods`).
+        config: training budget, evaluation and methods (default: `default_config(store)`).
+        model: the model the stores were built from, for the CE/KL and steering metrics.
+        eval_store: held-out activations to score on (default: `store`).
+        task: concept labels and the steering measure.
+        out_dir: where to save the methods and the report; None saves nothing.
+
+    Returns:
+        The `ComparisonResult`, with the trained methods in `methods`.
+
+    Raises:
+        StoreError: for a store without the hook, or built from another model than `model`.
+        ValueError: for stores built from different models or of different widths, no
+            methods, a method spec that cannot be read or does not fit (`MethodSpec.resolved`),
+            a trained method of another width, or two methods with one name; and what
+            `train_method` and `evaluate_method` raise.
+        TypeError: for a method object `as_method` cannot wrap.
     """
     config = config or default_config(store)
     training, evaluation = config.training, config.evaluation

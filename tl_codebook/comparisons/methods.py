@@ -65,9 +65,17 @@ def check_kind(kind: str) -> str:
 
 @dataclass
 class MethodSpec:
-    """One method to train: its kind and what differs from the comparison's shared settings."""
+    """One method to train: its kind and what differs from the comparison's shared settings.
+
+    Raises:
+        ValueError: on construction, for an unknown `kind` (listing the valid ones), a `name`
+            that cannot be a directory name, an unknown `similarity` or `codebook_init`, sizes
+            that are not integers >= 1, or `n_groups != 1` for a non-codebook method.
+    """
 
     kind: str
+    """One of `METHOD_KINDS`: "codebook", "codebook_saelens", "topk", "batchtopk", "standard",
+    "jumprelu"."""
     name: str | None = None
     """Row label (default: `{kind}-k{k}`, or `{kind}-l1{coef}` for standard/jumprelu)."""
     d_sae: int | None = None
@@ -81,9 +89,11 @@ class MethodSpec:
     l0_coefficient: float = 1.0
     """jumprelu: weight of the L0 penalty."""
     similarity: str = "inner_product"
+    """Codebooks: how inputs score against codes ("inner_product", "cosine", "euclidean")."""
     n_groups: int = 1
     """Codebooks: independent codebooks over equal slices of d_in (e.g. one per head at hook_z)."""
     codebook_init: str = "kmeans"
+    """Codebooks: "kmeans", "activations" or "random" initial codes (see `CODEBOOK_INITS`)."""
 
     def __post_init__(self) -> None:
         check_kind(self.kind)
@@ -111,6 +121,10 @@ class MethodSpec:
         k fits d_sae (per group for codebooks), n_groups divides d_sae (and `d_in` when given).
 
         Everything a training would only discover later fails here, before any work.
+
+        Raises:
+            ValueError: for a `k` larger than the latents (codes per group, for codebooks), or
+                an `n_groups` that does not divide `d_sae` or `d_in`.
         """
         d_sae = self.d_sae or config.d_sae
         k = self.k or config.k
@@ -155,7 +169,12 @@ class MethodSpec:
 
     @classmethod
     def parse(cls, text: str) -> MethodSpec:
-        """`KIND[:key=value...]`, e.g. `topk`, `codebook:k=4`, `standard:l1_coefficient=2`."""
+        """`KIND[:key=value...]`, e.g. `topk`, `codebook:k=4`, `standard:l1_coefficient=2`.
+
+        Raises:
+            ValueError: for an option that is not `key=value` with a known key, a value that is
+                not a number where one belongs, or a spec the class refuses (unknown kind, ...).
+        """
         kind, *options = text.split(":")
         fields_by_name = {f.name: f for f in dataclasses.fields(cls)}
         values: dict[str, Any] = {"kind": kind.strip()}
@@ -183,37 +202,57 @@ class MethodSpec:
         return cls(**values)
 
     def to_dict(self) -> dict[str, Any]:
+        """The spec as a JSON-ready dict (the inverse of `from_dict`)."""
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> MethodSpec:
+        """The spec a dict from `to_dict` describes.
+
+        Raises:
+            ValueError: for an unknown key, a value of the wrong type, or any check of the
+                class.
+        """
         return dataclass_from_dict(cls, data)
 
 
 @dataclass
 class TrainingConfig:
-    """The matched budget every method trains with: same store, hook, tokens, batches, seed."""
+    """The matched budget every method trains with: same store, hook, tokens, batches, seed.
+
+    Raises:
+        ValueError: on construction, for a size or count that is not an integer >= 1, or an
+            `lr` that is not finite and > 0.
+    """
 
     hook_name: str
+    """The store's hook whose activations every method reconstructs."""
     d_sae: int = 128
+    """Latents (codes) per method, unless its spec sets its own."""
     k: int = 1
+    """Active latents / codes per token, unless a spec sets its own."""
     training_tokens: int = 1_000_000
     """Tokens each method sees (epochs over the store repeat as needed)."""
     batch_size: int = 1024
     """Tokens per step."""
     lr: float = 3e-3
+    """Learning rate (Adam, constant), unless a spec sets its own."""
     seed: int = 0
+    """Seeds the batch order, the initial codes and SAELens' initialisation."""
     exclude_token_ids: list[int] | None = None
     """Tokens never trained on, evaluated or spliced (e.g. BOS, whose activations are outliers).
     None: the task's (`Task.exclude_token_ids`) when the comparison has a task, else none."""
     init_tokens: int = 16384
     """Codebooks: activations sampled (apart from the training stream) for the initial codes."""
     kmeans_iters: int = 25
+    """Lloyd iterations of the codebooks' k-means initialisation."""
     dead_feature_window: int | None = None
     """SAELens: steps without firing after which a latent counts as dead (TopK's AuxK loss then
     trains it); None: min(1000, steps // 10), SAELens' 1000 scaled to short runs."""
     device: str = "cpu"
+    """Where training runs ("cpu", "cuda", ...)."""
     progress: bool = True
+    """Show progress bars."""
 
     def __post_init__(self) -> None:
         for name in ("d_sae", "k", "training_tokens", "batch_size", "init_tokens", "kmeans_iters"):
@@ -231,10 +270,17 @@ class TrainingConfig:
         return list(self.exclude_token_ids or [])
 
     def to_dict(self) -> dict[str, Any]:
+        """The config as a JSON-ready dict (the inverse of `from_dict`)."""
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainingConfig:
+        """The config a dict from `to_dict` describes.
+
+        Raises:
+            ValueError: for an unknown or missing key, a value of the wrong type, or any check
+                of the class.
+        """
         return dataclass_from_dict(cls, data)
 
 
@@ -254,21 +300,33 @@ class TrainedMethod:
     """
 
     name: str
+    """Row label in the comparison (and its directory name)."""
     kind: str
+    """The method kind ("codebook", "topk", ..., or "custom")."""
     sae: Any
+    """The trained SAELens SAE (a `CodebookSAE` for codebooks) or custom object."""
     d_in: int
+    """Activation width it reconstructs."""
     d_sae: int
+    """Latents (for codebooks: n_groups * num_codes)."""
     hook_name: str | None = None
+    """The hook its activations come from."""
     codebook: Codebook | None = None
+    """The `Codebook` itself, for codebook methods."""
     train_tokens: int = 0
+    """Activations (tokens) seen in training."""
     train_seconds: float = math.nan
+    """Wall time of the training (NaN when unknown, e.g. wrapped with `as_method`)."""
     init_tokens: int = 0
     """Tokens looked at before training (the codebooks' k-means sample); not in train_tokens."""
     init_seconds: float = 0.0
+    """Wall time of that initialisation."""
     spec: MethodSpec | None = None
+    """The resolved spec it was trained from (None when wrapped with `as_method`)."""
 
     @property
     def tokens_per_second(self) -> float:
+        """Training throughput: `train_tokens / train_seconds` (NaN when either is unknown)."""
         if not self.train_tokens or not self.train_seconds > 0:
             return math.nan
         return self.train_tokens / self.train_seconds
@@ -281,14 +339,27 @@ class TrainedMethod:
             )
 
     def encode(self, x: Float[Tensor, "... d_in"]) -> Float[Tensor, "... d_sae"]:
+        """Dense latent activations `[..., d_sae]` of activations `x` `[..., d_in]`.
+
+        Raises:
+            ValueError: if the last axis of `x` is not `d_in`.
+        """
         self._check_width(x)
         return _dense(self.sae.encode(x))
 
     def decode(self, acts: Float[Tensor, "... d_sae"]) -> Float[Tensor, "... d_in"]:
+        """The reconstruction `[..., d_in]` of latent activations `acts` `[..., d_sae]`."""
         return self.sae.decode(acts)
 
     def reconstruct(self, x: Float[Tensor, "... d_in"]) -> Float[Tensor, "... d_in"]:
-        """decode(encode(x)) (for codebooks, the snap itself: no dense activations built)."""
+        """decode(encode(x)) (for codebooks, the snap itself: no dense activations built).
+
+        Returns:
+            `[..., d_in]`, in the dtype of `x`.
+
+        Raises:
+            ValueError: if the last axis of `x` is not `d_in`.
+        """
         self._check_width(x)
         if self.codebook is not None:
             return self.codebook.decode(self.codebook.encode(x)).to(x.dtype)
@@ -302,6 +373,18 @@ class TrainedMethod:
         Codebooks: the code takes the first of its group's k slots, the natural codes keep their
         order in the rest (`insert_codes`, what `force_codes` does). Other methods: the latent's
         activation is clamped to `value` (its typical active value), the others left as they are.
+
+        Args:
+            x: activations `[..., d_in]`.
+            latent: the latent to force, `0 <= latent < d_sae` (for codebooks
+                `group * num_codes + code`).
+            value: the activation to clamp it to (not used by codebooks).
+
+        Returns:
+            The steered reconstruction `[..., d_in]`, in the dtype of `x`.
+
+        Raises:
+            ValueError: if the last axis of `x` is not `d_in`, or `latent` is out of range.
         """
         self._check_width(x)
         if not 0 <= latent < self.d_sae:
@@ -318,6 +401,7 @@ class TrainedMethod:
         return self.decode(acts).to(x.dtype)
 
     def to(self, device: str | torch.device) -> TrainedMethod:
+        """Move the SAE (and codebook) to `device` in place; returns `self`."""
         if isinstance(self.sae, torch.nn.Module):
             self.sae.to(device)
         if self.codebook is not None:
@@ -363,6 +447,11 @@ def as_method(
     """Wrap a trained `Codebook`, a SAELens SAE, or any object with encode/decode as a method.
 
     A plain object must say its sizes as `d_in` and `d_sae` attributes (or `cfg.d_in`/`cfg.d_sae`).
+    A `TrainedMethod` is returned as it is. `name`, `hook_name` and `kind` override what is read
+    from the object.
+
+    Raises:
+        TypeError: for an object without callable `encode` and `decode`, or without its sizes.
     """
     from sae_lens import SAE
 
@@ -529,6 +618,20 @@ def train_method(
     Codebooks are saved as a `Codebook` (cfg.json + codebook.safetensors), SAELens methods as
     SAELens inference SAEs (cfg.json + sae_weights.safetensors, `SAE.load_from_disk`); either
     directory is written under a temporary name and swapped in whole.
+
+    Args:
+        spec: the method (its unset sizes and lr come from `config`).
+        store: the activations, read at `config.hook_name`.
+        config: the matched training budget.
+        save_dir: where to save the trained method; None saves nothing.
+
+    Returns:
+        The `TrainedMethod`, with its training tokens and time.
+
+    Raises:
+        StoreError: if the store has no activations at `config.hook_name`, or no usable token.
+        ValueError: for sizes that do not fit (see `MethodSpec.resolved`), or a store with
+            fewer usable tokens than a data-driven codebook init needs.
     """
     store.check_hook(config.hook_name)
     spec = spec.resolved(config, store.d_in(config.hook_name))

@@ -78,19 +78,30 @@ STEERING_COLUMNS = ("steering_success", "steering_baseline")
 
 @dataclass
 class EvalConfig:
-    """How methods are evaluated (the same for all of them)."""
+    """How methods are evaluated (the same for all of them).
+
+    Raises:
+        ValueError: on construction, for an unknown `steering_positions`, `precise_threshold`
+            outside [0, 1], `batch_sequences` or `steering_prompts` that is not an integer >= 1,
+            `max_sequences < 1`, or a negative or non-finite `steering_temperature`.
+    """
 
     max_sequences: int | None = None
     """Evaluate on the first N sequences of the evaluation store (None: all)."""
     batch_sequences: int = 64
+    """Sequences read from the store (and spliced into the model) at once."""
     precise_threshold: float = 0.9
     """A concept has a precise latent when one latent has precision and recall >= this."""
     steering_prompts: int = 256
+    """Prompts steered per method (each towards a concept other than its own)."""
     steering_temperature: float = 1.0
+    """Sampling temperature of the steered continuations (0: greedy)."""
     steering_positions: str = "last"
     """See `STEERING_POSITIONS`."""
     seed: int = 0
+    """Seeds the steering prompts and the sampling."""
     progress: bool = True
+    """Show progress bars."""
 
     def __post_init__(self) -> None:
         check_choice("EvalConfig.steering_positions", self.steering_positions, STEERING_POSITIONS)
@@ -113,10 +124,17 @@ class EvalConfig:
             )
 
     def to_dict(self) -> dict[str, Any]:
+        """The config as a JSON-ready dict (the inverse of `from_dict`)."""
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> EvalConfig:
+        """The config a dict from `to_dict` describes.
+
+        Raises:
+            ValueError: for an unknown key, a value of the wrong type, or any check of the
+                class.
+        """
         return dataclass_from_dict(cls, data)
 
 
@@ -407,6 +425,27 @@ def evaluate_method(
     steering metrics run. Fields that are not computed are NaN. `exclude_token_ids` (default:
     the task's, or none) are left out of every mean. `baseline` (the clean and zero-ablated
     model) is computed when not given.
+
+    Args:
+        method: a `TrainedMethod`, `Codebook`, SAELens SAE or any object `as_method` accepts.
+        store: the evaluation activations (`[n_seq, pos, d_in]` at `hook_name`).
+        hook_name: the store's hook the method reconstructs.
+        model: the model the store was built from, for the CE/KL and steering metrics.
+        task: concept labels and the steering measure.
+        exclude_token_ids: token ids left out of every mean.
+        config: how to evaluate (default `EvalConfig()`).
+        baseline: the clean and zero-ablated model's losses, to share between methods.
+
+    Returns:
+        A `MethodEvaluation`: `row` (flat scores, JSON/CSV-ready) and `details` (per latent,
+        per concept).
+
+    Raises:
+        ValueError: if the method's `d_in` is not the store's width at `hook_name`, it was
+            trained at another hook, or its `encode` gives another width than its `d_sae`.
+        StoreError: for a hook the store does not hold, or a `model` the store was not built
+            from.
+        TypeError: for a method `as_method` cannot wrap.
     """
     config = config or EvalConfig()
     if exclude_token_ids is None:

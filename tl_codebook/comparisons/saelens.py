@@ -121,14 +121,17 @@ class _CodebookShape:
 
     @classmethod
     def architecture(cls) -> str:
+        """SAELens' registry key of the class: "codebook"."""
         return ARCHITECTURE
 
     @property
     def num_codes(self) -> int:
+        """Codes per group: `d_sae // n_groups`."""
         return self.d_sae // self.n_groups
 
     @property
     def d_group(self) -> int:
+        """Input dimensions per group: `d_in // n_groups`."""
         return self.d_in // self.n_groups
 
 
@@ -138,13 +141,23 @@ class CodebookSAEConfig(_CodebookShape, SAEConfig):
 
     `chunk_size` is the codebook's scoring chunk (rows scored at once); `metadata.hook_name` is
     the hook the codebook sits at.
+
+    Raises:
+        ValueError: on construction, for a size that is not an integer >= 1, a `d_in` or
+            `d_sae` that `n_groups` does not divide, `k > num_codes`, an unknown `similarity`,
+            `apply_b_dec_to_input=True`, or an input normalisation a codebook cannot fold in.
     """
 
     k: int = 1
+    """Codes chosen per token and group."""
     n_groups: int = 1
+    """Independent groups, each with `d_sae // n_groups` codes over `d_in // n_groups` dims."""
     similarity: str = "inner_product"
+    """"inner_product", "cosine" or "euclidean"."""
     chunk_size: int = 1024
+    """Rows scored at once when selecting codes (memory, not results)."""
     apply_b_dec_to_input: bool = False
+    """Must stay False: a codebook has no decoder bias."""
     metadata: SAEMetadata | dict[str, Any] = field(default_factory=SAEMetadata)
     """A dict is accepted (SAELens' `SAEConfig.from_dict` passes one) and made an SAEMetadata."""
 
@@ -160,16 +173,28 @@ class CodebookTrainingSAEConfig(_CodebookShape, TrainingSAEConfig):
 
     Initial codes are i.i.d. N(0, init_std^2), as in `Codebook`; `decoder_init_norm` (SAELens'
     option, off by default here) rescales every initial code to that norm instead.
+
+    Raises:
+        ValueError: on construction, for the same bad values as `CodebookSAEConfig`, or a
+            negative `init_std`.
     """
 
     k: int = 1
+    """Codes chosen per token and group."""
     n_groups: int = 1
+    """Independent groups, each with `d_sae // n_groups` codes over `d_in // n_groups` dims."""
     similarity: str = "inner_product"
+    """"inner_product", "cosine" or "euclidean"."""
     chunk_size: int = 1024
+    """Rows scored at once when selecting codes (memory, not results)."""
     init_std: float = 1.0
+    """Std of the Gaussian initial codes."""
     apply_b_dec_to_input: bool = False
+    """Must stay False: a codebook has no decoder bias."""
     decoder_init_norm: float | None = None
+    """When set, every initial code is rescaled to this norm (SAELens' option)."""
     metadata: SAEMetadata | dict[str, Any] = field(default_factory=SAEMetadata)
+    """A dict is accepted (SAELens' `SAEConfig.from_dict` passes one) and made an SAEMetadata."""
 
     def __post_init__(self) -> None:
         _metadata_from_dict(self)
@@ -209,6 +234,8 @@ class _CodebookSAEMixin(nn.Module):
         )
 
     def initialize_weights(self) -> None:
+        """SAELens' weight initialisation: `codes` `[n_groups, num_codes, d_group]`, i.i.d.
+        N(0, 1) (the loaders overwrite them with the saved codes)."""
         self.codes = nn.Parameter(self._new_codes())
 
     def _block_diagonal(self, blocks: Tensor) -> Tensor:
@@ -232,6 +259,7 @@ class _CodebookSAEMixin(nn.Module):
 
     @property
     def b_enc(self) -> Float[Tensor, " d_sae"]:
+        """Encoder bias `[d_sae]`: `-|code|^2` for euclidean similarity, else zero."""
         if self.cfg.similarity == "euclidean":
             return -(self.codes * self.codes).sum(-1).reshape(-1)
         return torch.zeros(self.cfg.d_sae, dtype=self.codes.dtype, device=self.codes.device)
@@ -242,12 +270,17 @@ class _CodebookSAEMixin(nn.Module):
         return torch.zeros(self.cfg.d_in, dtype=self.codes.dtype, device=self.codes.device)
 
     def get_W_dec_norm(self) -> Tensor:  # noqa: N802 - SAELens' name
+        """The norm of every decoder row (code), `[d_sae]`, floored at 1e-8."""
         return self.codes.detach().norm(dim=-1).reshape(-1).clamp(min=1e-8)
 
     # -- encode / decode ------------------------------------------------------------------------
 
     def process_sae_in(self, sae_in: Tensor) -> Tensor:
-        """SAELens' input processing (dtype, hook_z flattening, hook, normalisation), no b_dec."""
+        """SAELens' input processing (dtype, hook_z flattening, hook, normalisation), no b_dec.
+
+        Raises:
+            ValueError: if the processed input's last axis is not `d_in`.
+        """
         sae_in = self.reshape_fn_in(sae_in.to(self.dtype))
         sae_in = self.hook_sae_input(sae_in)
         sae_in = self.run_time_activation_norm_fn_in(sae_in)
@@ -288,6 +321,10 @@ class _CodebookSAEMixin(nn.Module):
         `hook_sae_acts_pre` receives the similarity scores `[..., d_sae]`, computed only when
         something is hooked there (so plain encoding stays as cheap as the codebook's chunked
         selection); the selection does not read them, so edit `hook_sae_acts_post` to intervene.
+
+        Raises:
+            ValueError: for an input whose last axis is not `d_in` (`[..., n_heads, d_head]` at
+                a hook_z site).
         """
         sae_in = self.process_sae_in(x)
         lead = sae_in.shape[:-1]
@@ -331,6 +368,11 @@ class _CodebookSAEMixin(nn.Module):
         self.cfg.normalize_activations = "none"
 
     def fold_activation_whitening(self, *args: Any, **kwargs: Any) -> None:
+        """Not possible for a codebook (its top-k selection is not linear in the input).
+
+        Raises:
+            NotImplementedError: always.
+        """
         raise NotImplementedError(
             "A codebook cannot fold an affine whitening into its codes: its top-k selection is "
             "not linear in the input. Train with normalize_activations in "
@@ -338,6 +380,11 @@ class _CodebookSAEMixin(nn.Module):
         )
 
     def fold_W_dec_norm(self) -> None:  # noqa: N802 - SAELens' name
+        """Not possible for a codebook (its decoder norms are its outputs).
+
+        Raises:
+            NotImplementedError: always.
+        """
         raise NotImplementedError(
             "A codebook's decoder norms are its outputs (activations are the constant 1/k), so "
             "they cannot be folded into the encoder."
@@ -345,7 +392,16 @@ class _CodebookSAEMixin(nn.Module):
 
 
 class CodebookSAE(_CodebookSAEMixin, SAE[CodebookSAEConfig]):
-    """A codebook as a SAELens inference SAE (architecture "codebook"); see the module docstring."""
+    """A codebook as a SAELens inference SAE (architecture "codebook"); see the module docstring.
+
+    Its one parameter is `codes` `[n_groups, num_codes, d_group]`; `encode` gives dense
+    activations `[..., d_sae]` (1/k at the chosen codes), `decode` maps them back to
+    `[..., d_in]`. Build one from a codebook with `codebook_to_sae`, or load it with SAELens.
+
+    Args:
+        cfg: the SAE's config.
+        use_error_term: SAELens' option: add the reconstruction error back when spliced in.
+    """
 
     def __init__(self, cfg: CodebookSAEConfig, use_error_term: bool = False):
         super().__init__(cfg, use_error_term)
@@ -357,6 +413,10 @@ class CodebookTrainingSAE(_CodebookSAEMixin, TrainingSAE[CodebookTrainingSAEConf
     `training_forward_pass` snaps with `select_codes`, gathers the mean of the chosen codes with
     `gather_mean` (only the k chosen codes per group get gradient, no tokens x codes product) and
     passes the input's gradient straight through, like `Codebook.forward`.
+
+    Args:
+        cfg: the training config (SAELens' `TrainingSAEConfig` fields plus the codebook's).
+        use_error_term: SAELens' option: add the reconstruction error back when spliced in.
     """
 
     mse_loss_fn: Callable[[Tensor, Tensor], Tensor]  # set by TrainingSAE.__init__
@@ -365,12 +425,19 @@ class CodebookTrainingSAE(_CodebookSAEMixin, TrainingSAE[CodebookTrainingSAEConf
         super().__init__(cfg, use_error_term)
 
     def initialize_weights(self) -> None:
+        """Initial codes `[n_groups, num_codes, d_group]`: N(0, init_std^2), or rescaled to
+        `decoder_init_norm` when that is set."""
         codes = self._new_codes() * self.cfg.init_std
         if self.cfg.decoder_init_norm is not None:
             codes = l2norm(codes) * self.cfg.decoder_init_norm
         self.codes = nn.Parameter(codes)
 
     def encode(self, x: Float[Tensor, "..."]) -> Float[Tensor, "... d_sae"]:
+        """Dense activations `[..., d_sae]`, as `CodebookSAE.encode` (1/k at the chosen codes).
+
+        Raises:
+            ValueError: for an input whose last axis is not `d_in`.
+        """
         return _CodebookSAEMixin.encode(self, x)
 
     def encode_with_hidden_pre(
@@ -384,6 +451,12 @@ class CodebookTrainingSAE(_CodebookSAEMixin, TrainingSAE[CodebookTrainingSAEConf
         return self.hook_sae_acts_post(self._activations(self._select(rows), lead)), hidden_pre
 
     def training_forward_pass(self, step_input: TrainStepInput) -> TrainStepOutput:
+        """One SAELens training step's forward: snap, reconstruct, and the MSE loss.
+
+        `sae_in` is `[batch, d_in]`; the output carries `sae_out` (same shape), the dense
+        `feature_acts` and the similarity scores as `hidden_pre` (`[batch, d_sae]`), and
+        `losses = {"mse_loss": ...}` (summed over dimensions, averaged over tokens).
+        """
         sae_in = self.process_sae_in(step_input.sae_in)
         lead = sae_in.shape[:-1]
         rows = self._grouped(sae_in)
@@ -416,6 +489,7 @@ class CodebookTrainingSAE(_CodebookSAEMixin, TrainingSAE[CodebookTrainingSAEConf
         return {}
 
     def get_coefficients(self) -> dict[str, float | TrainCoefficientConfig]:
+        """No loss coefficients: the codebook's only loss is the MSE."""
         return {}
 
 
@@ -465,6 +539,9 @@ def codebook_to_sae(codebook: Codebook, use_error_term: bool = False) -> Codeboo
     the hook name, the codebook's metadata and its full config (for `sae_to_codebook`). At a
     `hook_z` site the SAE flattens `[..., n_heads, d_head]` itself (SAELens' hook_z reshaping).
     Ablated codes (`codebook.ablated`) are not carried over.
+
+    Raises:
+        TypeError: if `codebook` is not a `Codebook`.
     """
     if not isinstance(codebook, Codebook):
         raise TypeError(f"codebook_to_sae expects a Codebook, got {type(codebook).__name__}.")
@@ -497,6 +574,9 @@ def sae_to_codebook(sae: SAE[Any]) -> Codebook:
 
     Training-only codebook settings (reconstruction/commitment coefficients, init_std) come from
     the config stored by `codebook_to_sae` when present, else the `CodebookConfig` defaults.
+
+    Raises:
+        TypeError: for an SAE of another architecture.
     """
     if not isinstance(sae, _CodebookSAEMixin):
         architecture = getattr(getattr(sae, "cfg", None), "architecture", lambda: "unknown")()

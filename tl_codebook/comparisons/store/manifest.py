@@ -21,7 +21,11 @@ TOKEN_COLUMN = "token_ids"
 
 
 class StoreError(ValueError):
-    """An activation store that is missing, truncated, corrupted, or built for something else."""
+    """An activation store that is missing, truncated, corrupted, or built for something else.
+
+    A `ValueError` (the CLI reports it as a one-line user error); also raised for a hook the
+    store does not hold and for a build that would overwrite something that is not a store.
+    """
 
 
 @dataclass

@@ -42,6 +42,14 @@ class ActivationStore:
     reopen it anywhere (`ActivationStore.open(path, model=..., hooks=...)` checks it was built for
     that model and has those hooks), and read it as sequences (`activations`, `tokens`,
     `iter_sequences`) or as shuffled token batches for training (`batches`).
+
+    Activations are stored flattened per token: `[n_seq, context_size, d_in]` per hook, with
+    `hook_shape` giving the model's own per-token shape (e.g. `[n_heads, d_head]`).
+
+    Args:
+        path: the store directory.
+        manifest: its parsed manifest. Use `build`, `write` or `open` rather than this
+            constructor.
     """
 
     def __init__(self, path: str | Path, manifest: StoreManifest):
@@ -71,6 +79,28 @@ class ActivationStore:
         `codebooks_disabled(model)` for the base model's activations). The forward pass stops
         after the last block a hook sits in. The directory is built under a temporary name and
         swapped in whole: a killed build leaves the previous store (or nothing) behind.
+
+        Args:
+            model: the model to run.
+            tokens: integer token ids `[n_seq, pos]`.
+            hooks: the hook names whose activations to store.
+            path: the store directory.
+            batch_size: sequences per forward pass.
+            shard_sequences: sequences per Arrow shard file.
+            dtype: the stored float type: "float32", "float16" or "float64" (Arrow has no
+                bfloat16).
+            metadata: free-form JSON saved in the manifest.
+            overwrite: replace an existing store at `path`.
+            progress: show a progress bar.
+
+        Returns:
+            The new store, opened.
+
+        Raises:
+            ValueError: for no hooks, or an unknown `dtype`.
+            UnknownHookError: for a hook the model does not have.
+            StoreError: for an empty token set, a non-empty `path` without `overwrite`, or a
+                `path` that is not a store.
         """
         from tl_codebook.comparisons.store.writer import build_store
 
@@ -102,7 +132,16 @@ class ActivationStore:
         metadata: dict[str, Any] | None = None,
         overwrite: bool = False,
     ) -> ActivationStore:
-        """Store given activations (`[n_seq, pos, ...]` per hook) with their token ids."""
+        """Store given activations (`[n_seq, pos, ...]` per hook) with their token ids.
+
+        For activations computed elsewhere; `model_name` and `model_fingerprint` are recorded
+        (the fingerprint is what `open(model=...)` checks). Other arguments as in `build`.
+
+        Raises:
+            ValueError: for no activations, activations whose first two axes are not the
+                tokens' `(n_seq, pos)`, or an unknown `dtype`.
+            StoreError: for an empty token set, or a non-empty `path` without `overwrite`.
+        """
         from tl_codebook.comparisons.store.writer import write_store
 
         path = Path(path)
@@ -128,7 +167,13 @@ class ActivationStore:
         model: torch.nn.Module | None = None,
         hooks: Sequence[str] | None = None,
     ) -> ActivationStore:
-        """Open a store, checking every shard against the manifest (and `model`/`hooks` if given)."""
+        """Open a store, checking every shard against the manifest (and `model`/`hooks` if given).
+
+        Raises:
+            StoreError: for a missing or invalid manifest, no shards, a missing, empty or
+                truncated shard, a sequence count that differs from the manifest's, a store
+                built for another model than `model`, or a hook in `hooks` it does not hold.
+        """
         path = Path(path)
         manifest_path = path / MANIFEST
         if not manifest_path.is_file():
@@ -166,7 +211,11 @@ class ActivationStore:
     def check_compatible(
         self, model: torch.nn.Module | None = None, hooks: Sequence[str] | None = None
     ) -> None:
-        """Raise StoreError unless the store was built from `model` and holds every hook asked."""
+        """Check that the store was built from `model` (weights fingerprint) and holds `hooks`.
+
+        Raises:
+            StoreError: for another model's store, or a hook it does not hold.
+        """
         m = self.manifest
         if model is not None:
             fingerprint = model_fingerprint(model)
@@ -181,6 +230,11 @@ class ActivationStore:
             self.check_hook(hook)
 
     def check_hook(self, hook_name: str) -> str:
+        """Return `hook_name` if the store holds it.
+
+        Raises:
+            StoreError: for a hook the store does not hold (naming the ones it does).
+        """
         if hook_name not in self.manifest.hooks:
             raise StoreError(
                 f"The store at {self.path} has no activations at {hook_name!r}; it holds "
@@ -192,25 +246,38 @@ class ActivationStore:
 
     @property
     def hooks(self) -> list[str]:
+        """The hook names the store holds activations for."""
         return list(self.manifest.hooks)
 
     @property
     def n_sequences(self) -> int:
+        """Sequences stored."""
         return self.manifest.n_sequences
 
     @property
     def context_size(self) -> int:
+        """Tokens per sequence."""
         return self.manifest.context_size
 
     @property
     def n_tokens(self) -> int:
+        """All stored tokens: `n_sequences * context_size`."""
         return self.manifest.n_tokens
 
     def d_in(self, hook_name: str) -> int:
+        """The flattened activation width per token at `hook_name`.
+
+        Raises:
+            StoreError: for a hook the store does not hold (naming the ones it does).
+        """
         return self.manifest.d_in(self.check_hook(hook_name))
 
     def hook_shape(self, hook_name: str) -> tuple[int, ...]:
-        """The per-token activation shape at the hook in the model (before flattening)."""
+        """The per-token activation shape at the hook in the model (before flattening).
+
+        Raises:
+            StoreError: for a hook the store does not hold (naming the ones it does).
+        """
         return tuple(self.manifest.hooks[self.check_hook(hook_name)])
 
     def __repr__(self) -> str:
@@ -271,7 +338,14 @@ class ActivationStore:
     def iter_sequences(
         self, hook_name: str, batch_sequences: int = 64, limit: int | None = None
     ) -> Iterator[tuple[Int[Tensor, "batch pos"], Float[Tensor, "batch pos d_in"]]]:
-        """(token ids, activations) for `batch_sequences` sequences at a time, in store order."""
+        """(token ids, activations) for `batch_sequences` sequences at a time, in store order.
+
+        Yields int64 token ids `[batch, pos]` and float32 activations `[batch, pos, d_in]`
+        (the last batch may be shorter), for the first `limit` sequences (None: all).
+
+        Raises:
+            StoreError: for a hook the store does not hold (naming the ones it does).
+        """
         self.check_hook(hook_name)
         remaining = self.n_sequences if limit is None else min(limit, self.n_sequences)
         for block in self._load_blocks():
@@ -287,7 +361,14 @@ class ActivationStore:
     def activations(
         self, hook_name: str, limit: int | None = None
     ) -> Float[Tensor, "n_seq pos d_in"]:
-        """The activations at `hook_name` (float32, in memory) for the first `limit` sequences."""
+        """The activations at `hook_name` (float32, in memory) for the first `limit` sequences.
+
+        Returns:
+            `[n_seq, pos, d_in]`, `n_seq` the store's sequences or `limit`, whichever is fewer.
+
+        Raises:
+            StoreError: for a hook the store does not hold (naming the ones it does).
+        """
         return torch.cat([a for _, a in self.iter_sequences(hook_name, 1024, limit)])
 
     def count_tokens(self, exclude_token_ids: Sequence[int] = ()) -> int:
@@ -303,7 +384,15 @@ class ActivationStore:
         exclude_token_ids: Sequence[int] = (),
     ) -> Float[Tensor, "n d_in"]:
         """Up to `n_tokens` distinct random token activations (float32), e.g. for k-means init
-        (all usable tokens, shuffled, when the store has fewer)."""
+        (all usable tokens, shuffled, when the store has fewer).
+
+        Returns:
+            `[n, d_in]` float32 rows, `n = min(n_tokens, usable tokens)`.
+
+        Raises:
+            StoreError: for a hook the store does not hold, or no token left after
+                `exclude_token_ids`.
+        """
         n = min(n_tokens, self.count_tokens(exclude_token_ids))
         return next(
             self.batches(
@@ -326,7 +415,19 @@ class ActivationStore:
         shuffle: bool = True,
         buffer_tokens: int = 2**20,
     ) -> Iterator[Float[Tensor, "batch d_in"]]:
-        """Token activations `[batch_size, d_in]` (float32) for training; see `batcher.batches`."""
+        """Token activations `[batch_size, d_in]` (float32) for training; see `batcher.batches`.
+
+        Tokens in `exclude_token_ids` are skipped. With `shuffle`, each epoch visits the shards
+        in a seeded order and shuffles within a buffer of about `buffer_tokens`; epochs repeat
+        until `n_tokens` (default: one epoch, whole batches) are yielded. The same arguments
+        always give the same batches.
+
+        Raises:
+            StoreError: for a hook the store does not hold, or no token left after
+                `exclude_token_ids` (when iteration starts).
+            ValueError: for `batch_size < 1`, or a default one epoch with fewer usable tokens
+                than `batch_size` (when iteration starts).
+        """
         from tl_codebook.comparisons.store.batcher import token_batches
 
         self.check_hook(hook_name)
