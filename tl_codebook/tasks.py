@@ -30,6 +30,7 @@ from torch import Tensor, nn
 from tl_codebook.configs import check_choice
 
 SPLITS = ("train", "eval")
+"""The data splits a task hands out: "train" and "eval" (held out, never overlapping train)."""
 
 
 @dataclass(frozen=True)
@@ -40,9 +41,15 @@ class SteeringTrials:
     `new_tokens` tokens; `Task.steering_success` then judges the continuation. `positions` are
     the prompt positions where the prompt's own concept (`sources[i]`) becomes known: where an
     intervention that means "the concept is now targets[i]" belongs.
+
+    Raises:
+        ValueError: on construction, for `sources` / `targets` that are not `[n]` for `n`
+            prompts, `new_tokens` that is not an integer >= 1, or no positions or one outside
+            the prompt.
     """
 
     prompts: Int[Tensor, "n prompt_len"]
+    """Token ids of the `n` prompts, all of one length."""
     sources: Int[Tensor, " n"]
     """The concept each prompt is in (what the model would continue without steering)."""
     targets: Int[Tensor, " n"]
@@ -74,6 +81,7 @@ class SteeringTrials:
 
     @property
     def n(self) -> int:
+        """The number of prompts."""
         return int(self.prompts.shape[0])
 
     @property
@@ -82,6 +90,7 @@ class SteeringTrials:
         return int(self.prompts.shape[1]) + self.new_tokens
 
     def subset(self, rows: Bool[Tensor, " n"]) -> SteeringTrials:
+        """The trials where `rows` (booleans `[n]`) is True (same new_tokens and positions)."""
         return dataclasses.replace(
             self, prompts=self.prompts[rows], sources=self.sources[rows], targets=self.targets[rows]
         )
@@ -114,6 +123,7 @@ class Task(ABC):
 
     @property
     def num_concepts(self) -> int:
+        """How many concepts the task labels: `len(concept_names)`."""
         return len(self.concept_names)
 
     @property
@@ -125,7 +135,14 @@ class Task(ABC):
 
     def tokens(self, n_sequences: int, split: str = "train", seed: int = 0) -> Int[Tensor, "n pos"]:
         """`n_sequences` token sequences of the task's data (`split` "train" or "eval": the eval
-        split never overlaps a train stream). Optional: tasks that bring no data raise."""
+        split never overlaps a train stream). Optional: tasks that bring no data raise.
+
+        Returns:
+            Integer token ids `[n_sequences, pos]`.
+
+        Raises:
+            NotImplementedError: in the base class (a task without data).
+        """
         raise NotImplementedError(f"Task {self.name!r} supplies no token data.")
 
     # -- steering ---------------------------------------------------------------------------
@@ -136,14 +153,25 @@ class Task(ABC):
         return False
 
     def steering_trials(self, n_prompts: int, seed: int = 0) -> SteeringTrials:
-        """`n_prompts` seeded prompts, each with a concept (other than its own) to steer to."""
+        """`n_prompts` seeded prompts, each with a concept (other than its own) to steer to.
+
+        Raises:
+            NotImplementedError: in the base class (a task without a steering measure).
+        """
         raise NotImplementedError(f"Task {self.name!r} has no steering measure.")
 
     def steering_success(
         self, trials: SteeringTrials, generated: Int[Tensor, "n total_len"]
     ) -> Bool[Tensor, " n"]:
         """Whether each continuation (`generated`: prompt + `trials.new_tokens` tokens) is what
-        the model would write in concept `trials.targets[i]`."""
+        the model would write in concept `trials.targets[i]`.
+
+        Returns:
+            Booleans `[n]`, one per trial.
+
+        Raises:
+            NotImplementedError: in the base class (a task without a steering measure).
+        """
         raise NotImplementedError(f"Task {self.name!r} has no steering measure.")
 
     # -- saving -----------------------------------------------------------------------------
@@ -169,12 +197,20 @@ class Task(ABC):
         progress: bool = True,
     ) -> tuple[nn.Module, Task]:
         """Train the task's small default model, save it under `out_dir` (so `load_model` can
-        reopen it), and return it with its task."""
+        reopen it), and return it with its task.
+
+        Raises:
+            NotImplementedError: in the base class (a task without a default model).
+        """
         raise NotImplementedError(f"Task {cls.name!r} has no default model.")
 
     @classmethod
     def load_model(cls, model_dir: str | Path, device: str = "cpu") -> tuple[nn.Module, Task]:
-        """Reopen a model saved by `train_default_model` (or the task's own experiment)."""
+        """Reopen a model saved by `train_default_model` (or the task's own experiment).
+
+        Raises:
+            NotImplementedError: in the base class (a task that cannot load models).
+        """
         raise NotImplementedError(f"Task {cls.name!r} cannot load a model directory.")
 
 
@@ -185,14 +221,24 @@ TASKS: dict[str, str] = {"tokfsm": "tl_codebook.fsm.task:TokFSMTask"}
 
 
 def register_task(name: str, target: str | type[Task]) -> None:
-    """Make `name` a task name: `target` is a `Task` subclass or its "module:Class" path."""
+    """Make `name` a task name: `target` is a `Task` subclass or its "module:Class" path.
+
+    A path is imported only when the task is first used (`task_class`), so registering costs
+    nothing and a wrong path is reported then. Registering a name again replaces it.
+    """
     if not isinstance(target, str):
         target = f"{target.__module__}:{target.__qualname__}"
     TASKS[name] = target
 
 
 def task_class(name: str) -> type[Task]:
-    """The `Task` subclass registered as `name` (a ValueError lists the names)."""
+    """The `Task` subclass registered as `name`.
+
+    Raises:
+        ValueError: for a name that is not registered (listing the registered ones).
+        TypeError: if the registered path does not name a `Task` subclass.
+        ImportError: (or AttributeError) if the registered module or class cannot be found.
+    """
     check_choice("task", name, TASKS)
     module, _, attribute = TASKS[name].partition(":")
     cls = getattr(importlib.import_module(module), attribute)
@@ -202,7 +248,12 @@ def task_class(name: str) -> type[Task]:
 
 
 def task_from_dict(data: dict[str, Any]) -> Task:
-    """Reopen a task from its `to_dict()` (e.g. read from a store's metadata)."""
+    """Reopen a task from its `to_dict()` (e.g. read from a store's metadata).
+
+    Raises:
+        ValueError: for a non-dict or one without "name", an unregistered name, or what the
+            task's `from_dict` refuses.
+    """
     if not isinstance(data, dict) or "name" not in data:
         raise ValueError(f"A task description must be a dict with a 'name', got {data!r:.80}.")
     return task_class(data["name"]).from_dict(data)
@@ -239,7 +290,14 @@ def evaluating(model: TokensToLogits) -> Iterator[None]:
 def checked_logits(
     model: TokensToLogits, tokens: Int[Tensor, "batch pos"], min_vocab: int = 1
 ) -> Float[Tensor, "batch pos vocab"]:
-    """`model(tokens)` as float32, checked to be `[batch, pos, vocab >= min_vocab]`."""
+    """`model(tokens)` as float32, checked to be `[batch, pos, vocab >= min_vocab]`.
+
+    The tokens are moved to the model's device first (`model_device`).
+
+    Raises:
+        ValueError: if the logits are not `[batch, pos, vocab]` for tokens `[batch, pos]`, or
+            the vocabulary is smaller than `min_vocab`.
+    """
     logits = model(tokens.to(model_device(model)))
     if logits.ndim != 3 or tuple(logits.shape[:2]) != tuple(tokens.shape):
         raise ValueError(
@@ -266,6 +324,21 @@ def sample_sequences(
     (a hook, `force_codes(positions=...)`) acts the same at every step. `temperature=0` takes
     the argmax. Sampling happens on the CPU with `generator`, so results do not depend on the
     model's device.
+
+    Args:
+        model: maps tokens `[batch, pos]` to logits `[batch, pos, vocab]` (run in eval mode,
+            without gradients).
+        prompts: integer token ids `[batch, prompt_len]`.
+        seq_len: the length to extend to, prompt included.
+        temperature: softmax temperature; 0 for greedy decoding.
+        generator: a CPU generator for reproducible sampling.
+
+    Returns:
+        Token ids `[batch, seq_len]` on the CPU: the prompts, then the sampled tokens.
+
+    Raises:
+        ValueError: for a negative temperature, `seq_len` not above the prompt length, or
+            logits of the wrong shape.
     """
     if temperature < 0:
         raise ValueError(f"temperature must be >= 0, got {temperature}.")
@@ -285,6 +358,11 @@ def sample_sequences(
 
 
 def check_split(split: str) -> str:
+    """Return `split` if it is one of `SPLITS`.
+
+    Raises:
+        ValueError: for any other split (naming the valid ones).
+    """
     return check_choice("split", split, SPLITS)
 
 

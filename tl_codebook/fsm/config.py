@@ -65,37 +65,64 @@ class ExperimentConfig:
 
     Both phases run on the project's one trainer (`tl_codebook.training.train_codebooks`); see
     `tl_codebook.fsm.models` for how these fields become its `TrainConfig`s.
+
+    Raises:
+        ValueError: on construction, for an unknown codebook site, `lr_schedule` or
+            `codebook_init`, a `d_model` that `n_heads` does not divide, a threshold or fraction
+            outside [0, 1], a size or count that is not an integer >= 1, a negative
+            `checkpoint_every`, `k > num_codes`, or an FSM size `FSMConfig` refuses.
     """
 
     # the task
     n_states: int = 32
+    """States of the FSM (the paper: 100)."""
     n_edges: int = 4
+    """Out-edges per state (the paper: 10)."""
     base: int = 10
+    """Digit base of the token format."""
     fsm_seed: int = 0
+    """Seed of the FSM's random transitions."""
     seq_len: int = 32
+    """Tokens per training sequence, BOS included (also the model's n_ctx)."""
     # the model
     n_layers: int = 4
+    """Transformer layers."""
     d_model: int = 64
+    """Residual stream width."""
     n_heads: int = 4
+    """Attention heads per layer (`d_head = d_model // n_heads`)."""
     d_mlp: int = 256
+    """MLP hidden width."""
     positional_embedding_type: str = "rotary"
+    """TransformerLens' positional embedding ("rotary", "standard", ...)."""
     # the codebooks
     codebook_sites: tuple[str, ...] = CODEBOOK_SITES
+    """Per-layer sites that get a codebook at every layer (see `CODEBOOK_SITES`)."""
     num_codes: int = 128
+    """Codes per codebook group."""
     k: int = 1
+    """Codes active per token and group."""
     similarity: str = "inner_product"
+    """How activations score against codes ("inner_product", "cosine", "euclidean")."""
     codebook_init: str = "kmeans"
     """"kmeans": k-means centres of the base model's activations (BOS positions left out: an
     outlier); "activations": random real activations (right scale from the first step);
     "random": N(0, 1) as in the paper's from-scratch runs."""
     # training
     base_steps: int = 1200
+    """Steps of phase 1: training the base model on the FSM's sequences."""
     base_batch_size: int = 128
+    """Sequences per step in phase 1."""
     base_lr: float = 3e-3
+    """Peak learning rate of phase 1."""
     codebook_steps: int = 500
+    """Steps of phase 2: joint fine-tuning with the codebooks inserted."""
     codebook_batch_size: int = 128
+    """Sequences per step in phase 2."""
     codebook_lr: float = 1e-3
+    """Peak learning rate of the codebooks in phase 2."""
     codebook_weight_decay: float = 0.01
+    """AdamW weight decay of the codes."""
     weight_decay: float = 0.1
     """AdamW weight decay of the model's own weights (both phases)."""
     lr_schedule: str = "cosine"
@@ -115,18 +142,26 @@ class ExperimentConfig:
     n_held_out: int = 512
     """Held-out sequences for the next-token loss and the state-code analysis."""
     precise_threshold: float = 0.9
+    """A state has a precise code when one code's precision and recall for it are both at
+    least this."""
     n_intervention_prompts: int = 400
+    """Prompts steered per intervention condition."""
     intervention_prompt_states: int = 3
+    """States of each steering prompt's random walk (after BOS)."""
     intervention_temperature: float = 1.0
+    """Sampling temperature of the steered continuations."""
     steering_min_precision: float = 0.0
     """A (site, group) takes part in steering when its best code for the target state has at
     least this precision (0: every codebook)."""
     # the run
     seed: int = 0
+    """Seeds the model's initialisation, the data streams, sampling and steering."""
     threads: int = 2
     """torch CPU threads during the run (0: leave torch's setting; ignored on GPU)."""
     device: str = "auto"
+    """"auto" (CUDA when available, else CPU), "cpu", "cuda", ..."""
     progress: bool = True
+    """Show progress bars."""
 
     def __post_init__(self) -> None:
         self.codebook_sites = tuple(self.codebook_sites)
@@ -222,11 +257,18 @@ class ExperimentConfig:
     # -- derived -----------------------------------------------------------------------------
 
     def fsm_config(self) -> FSMConfig:
+        """The `FSMConfig` of the run's task (n_states, n_edges, base, fsm_seed).
+
+        Raises:
+            ValueError: for sizes `FSMConfig` refuses (e.g. `n_edges > n_states`).
+        """
         return FSMConfig(
             n_states=self.n_states, n_edges=self.n_edges, base=self.base, seed=self.fsm_seed
         )
 
     def model_config(self, vocab_size: int, device: str) -> HookedTransformerConfig:
+        """The TransformerLens config of the run's model: the shape fields, `n_ctx = seq_len`,
+        `d_vocab = vocab_size` (the FSM's `vocab_size`), GELU, LayerNorm, on `device`."""
         return HookedTransformerConfig(
             **tokfsm_model_kwargs(self, vocab_size, device, self.positional_embedding_type)
         )
@@ -242,6 +284,7 @@ class ExperimentConfig:
     # -- persistence -------------------------------------------------------------------------
 
     def to_dict(self) -> dict[str, Any]:
+        """The config as a JSON-ready dict (as metrics.json records it)."""
         data = dataclasses.asdict(self)
         data["codebook_sites"] = list(self.codebook_sites)
         return data
@@ -249,7 +292,12 @@ class ExperimentConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ExperimentConfig:
         """Build a config from a (possibly partial) dict: unknown keys (with close matches) and
-        wrong-typed values are refused, naming the field."""
+        wrong-typed values are refused, naming the field.
+
+        Raises:
+            ValueError: for a non-dict, an unknown key, a wrongly typed value, or any check of
+                the config.
+        """
         if isinstance(data, dict):
             data = dict(data)
             if isinstance(data.get("codebook_sites"), list):  # JSON has no tuples
@@ -261,6 +309,11 @@ class ExperimentConfig:
         return dataclass_from_dict(cls, data)
 
     def replace(self, **changes: Any) -> ExperimentConfig:
+        """A copy with `changes` applied, checked like `from_dict` (e.g. `cfg.replace(k=2)`).
+
+        Raises:
+            ValueError: for an unknown field or a value the config refuses.
+        """
         return ExperimentConfig.from_dict({**self.to_dict(), **changes})
 
 
@@ -269,7 +322,9 @@ PRESETS: dict[str, Callable[[], ExperimentConfig]] = {
     "paper": ExperimentConfig.paper,
     "toy": ExperimentConfig.toy,
 }
-"""The named starting points of `tl-codebook demo --preset`."""
+"""The named starting points of `tl-codebook demo --preset`: name -> a function returning a
+fresh `ExperimentConfig` ("cpu": the defaults, "paper": `ExperimentConfig.paper()`, "toy":
+`ExperimentConfig.toy()`)."""
 
 RUN_ONLY_FIELDS = ("threads", "device", "progress", "checkpoint_every")
 """Fields that change how a run executes but not what it computes: a resumed run may change

@@ -33,6 +33,15 @@ class TokFSMDataset(IterableDataset):
     `seed`, so a seeded instance is reproducible. In a `DataLoader`, worker `i` reads stream `i`
     of the seed (the main process reads stream 0, so one worker gives the same data as none).
     Sequences are drawn `chunk_size` at a time; the stream depends on `chunk_size`.
+
+    Args:
+        fsm: the machine the walks follow.
+        seq_len: tokens per sequence, BOS included (a trailing state may be cut short).
+        seed: seed of the stream (>= 0).
+        chunk_size: sequences drawn at once.
+
+    Raises:
+        ValueError: for `seq_len < 2`, a negative seed or `chunk_size < 1` (or non-integers).
     """
 
     def __init__(self, fsm: FSM, seq_len: int = 128, seed: int = 0, chunk_size: int = 256):
@@ -66,7 +75,11 @@ class TokFSMDataset(IterableDataset):
             yield from chunk
 
     def batches(self, batch_size: int) -> Iterator[Tensor]:
-        """Endless `Int[Tensor, "batch seq_len"]` batches: the stream of `iter(self)`, grouped."""
+        """Endless `Int[Tensor, "batch seq_len"]` batches: the stream of `iter(self)`, grouped.
+
+        Raises:
+            ValueError: for `batch_size` that is not an integer >= 1 (when iteration starts).
+        """
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}.")
         buffer: list[Tensor] = []
@@ -82,7 +95,14 @@ class TokFSMDataset(IterableDataset):
             buffer, buffered = [rows[n_full:]], len(rows) - n_full
 
     def held_out(self, n_sequences: int, seed: int = 0) -> Int[Tensor, "n_sequences seq_len"]:
-        """A fixed evaluation set, drawn from a stream no training stream of any seed uses."""
+        """A fixed evaluation set, drawn from a stream no training stream of any seed uses.
+
+        Returns:
+            Token ids `[n_sequences, seq_len]`, the same for the same `seed`.
+
+        Raises:
+            ValueError: for `n_sequences < 1` or a negative seed (or non-integers).
+        """
         if isinstance(n_sequences, bool) or not isinstance(n_sequences, int) or n_sequences < 1:
             raise ValueError(f"n_sequences must be an integer >= 1, got {n_sequences!r}.")
         if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
@@ -99,6 +119,17 @@ def determined_states(
     are -1, as are positions ending a digit group that is not a valid state. With `hold=True`,
     a position inside a state's digits instead keeps the most recently completed state (BOS and
     the first state's earlier digits stay -1), i.e. "the current state" of the walk.
+
+    Args:
+        fsm: the machine that wrote the tokens.
+        tokens: token ids `[*batch, pos]`, each sequence starting with BOS.
+        hold: label every position with the most recently completed state.
+
+    Returns:
+        State labels `[*batch, pos]` (shape of `tokens`), -1 where no state is known.
+
+    Raises:
+        ValueError: if a sequence is empty or does not start with BOS.
     """
     states = fsm.tokens_to_states(tokens, starts_with_bos=True)
     d = fsm.digits_per_state

@@ -95,6 +95,23 @@ def run_experiment(
     `RUN_ONLY_FIELDS`) or `overwrite=True` (delete its outputs and start over). The directory is
     locked for the run (a second run into it fails at once). On the CPU, torch uses
     `config.threads` threads during the run (the previous setting is restored after it).
+
+    An interrupted or failed run records why in metrics.json (and the report) before the
+    exception propagates; a finished run resumed returns its metrics at once.
+
+    Args:
+        config: the run's settings.
+        out_dir: the run directory.
+        log: called with one line per step of progress.
+        resume: continue the run in `out_dir` from its checkpoints.
+        overwrite: delete the outputs of a run in `out_dir` and start over.
+
+    Raises:
+        ValueError: for `resume` together with `overwrite`, a resume with nothing to resume
+            or a config that differs from the saved one, or a directory holding a run
+            without either flag.
+        RunDirLockedError: (an OSError) when another process is running into `out_dir`.
+        TrainingDivergedError: when a training phase's loss becomes NaN or infinite.
     """
     if resume and overwrite:
         raise ValueError("resume and overwrite exclude each other: continue the run or replace it.")

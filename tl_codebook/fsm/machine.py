@@ -34,12 +34,20 @@ class FSMConfig:
 
     `seed` only matters to `FSM.generate`: an FSM built from explicit transitions keeps it as a
     label.
+
+    Raises:
+        ValueError: on construction, for a size that is not an integer >= 1 (`base` >= 2), a
+            non-integer seed, or `n_edges > n_states`.
     """
 
     n_states: int = 100
+    """States of the machine."""
     n_edges: int = 10
+    """Distinct out-edges per state (equally likely successors)."""
     base: int = 10
+    """Digit base states are written in (token ids 0..base-1; `base` is BOS)."""
     seed: int = 0
+    """Seed of the random transitions drawn by `FSM.generate`."""
 
     def __post_init__(self) -> None:
         _check_int("FSMConfig", "n_states", self.n_states, 1)
@@ -54,11 +62,17 @@ class FSMConfig:
             )
 
     def to_dict(self) -> dict[str, Any]:
+        """The config as a JSON-ready dict (the inverse of `from_dict`)."""
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> FSMConfig:
-        """Build a config from a dict, refusing missing and unknown keys."""
+        """Build a config from a dict, refusing missing and unknown keys.
+
+        Raises:
+            ValueError: for a missing or unknown key, a value of the wrong type, or any check
+                of the config.
+        """
         return dataclass_from_dict(cls, data, require_all=True)
 
 
@@ -72,6 +86,15 @@ class FSM:
     `FSM.generate(cfg)` draws, for every state, `n_edges` distinct targets uniformly from all
     `n_states` states (self-loops allowed, as a uniformly random choice would give them), with a
     `torch.Generator` seeded by `cfg.seed`. `FSM(cfg, transitions)` builds a hand-made machine.
+
+    Args:
+        cfg: the machine's sizes and base.
+        transitions: integer targets `[n_states, n_edges]`: row `s` lists the successors of
+            state `s` (kept sorted).
+
+    Raises:
+        ValueError: for transitions of another shape, a target outside `[0, n_states)`, or a
+            state with repeated out-edges.
     """
 
     def __init__(self, cfg: FSMConfig, transitions: Int[Tensor, "n_states n_edges"]):
@@ -117,14 +140,17 @@ class FSM:
 
     @property
     def n_states(self) -> int:
+        """States of the machine (`cfg.n_states`)."""
         return self.cfg.n_states
 
     @property
     def n_edges(self) -> int:
+        """Out-edges per state (`cfg.n_edges`)."""
         return self.cfg.n_edges
 
     @property
     def base(self) -> int:
+        """The digit base of the token format (`cfg.base`)."""
         return self.cfg.base
 
     @property
@@ -137,6 +163,7 @@ class FSM:
 
     @property
     def bos_token(self) -> int:
+        """The BOS token id: `base` (right after the digits)."""
         return self.base
 
     @property
@@ -156,14 +183,29 @@ class FSM:
             raise ValueError(f"state must be in [0, {self.n_states - 1}], got {state}.")
 
     def state_to_tokens(self, state: int) -> list[int]:
-        """The digits of `state`, most significant first (e.g. 7 -> [0, 7] for 100 states)."""
+        """The digits of `state`, most significant first (e.g. 7 -> [0, 7] for 100 states).
+
+        Raises:
+            ValueError: for a non-integer state or one outside `[0, n_states)`.
+        """
         self._check_state(state)
         return [(state // p) % self.base for p in self._powers.tolist()]
 
     def trajectory_to_tokens(
         self, states: Int[Tensor, "*batch n"], add_bos: bool = True
     ) -> Int[Tensor, "*batch pos"]:
-        """Write trajectories as tokens: BOS (unless add_bos=False), then each state's digits."""
+        """Write trajectories as tokens: BOS (unless add_bos=False), then each state's digits.
+
+        Args:
+            states: state ids `[*batch, n]`.
+            add_bos: start every sequence with BOS.
+
+        Returns:
+            Token ids `[*batch, pos]`, `pos = n * digits_per_state` (+1 with BOS).
+
+        Raises:
+            ValueError: for a state outside `[0, n_states)`.
+        """
         if ((states < 0) | (states >= self.n_states)).any():
             raise ValueError(f"states must be in [0, {self.n_states - 1}].")
         digits = (states.unsqueeze(-1) // self._powers.to(states.device)) % self.base
@@ -181,6 +223,14 @@ class FSM:
         With `starts_with_bos`, position 0 must be BOS and is skipped. A group of
         `digits_per_state` tokens that is not a state (it holds a non-digit token such as BOS,
         or writes a number >= n_states) parses to -1.
+
+        Returns:
+            State ids `[*batch, n]`, `n = (pos - 1) // digits_per_state` (`pos // ...` without
+            BOS); -1 for a group that is no state.
+
+        Raises:
+            ValueError: with `starts_with_bos`, if a sequence is empty or does not start with
+                BOS.
         """
         if not isinstance(tokens, Tensor):
             tokens = torch.tensor(list(tokens), dtype=torch.long)
@@ -201,6 +251,11 @@ class FSM:
     # ---- transitions and walks --------------------------------------------------------------
 
     def is_valid_transition(self, from_state: int, to_state: int) -> bool:
+        """Whether `from_state -> to_state` is an edge of the machine.
+
+        Raises:
+            ValueError: for a non-integer state or one outside `[0, n_states)`.
+        """
         self._check_state(from_state)
         self._check_state(to_state)
         return bool(self._transition_matrix[from_state, to_state])
@@ -211,7 +266,14 @@ class FSM:
         length: int,
         generator: torch.Generator | None = None,
     ) -> Int[Tensor, "n_trajectories length"]:
-        """Random walks from uniformly random start states, each step a uniform out-edge."""
+        """Random walks from uniformly random start states, each step a uniform out-edge.
+
+        Returns:
+            State ids `[n_trajectories, length]`.
+
+        Raises:
+            ValueError: for `n_trajectories < 0` or `length < 1` (or non-integers).
+        """
         _check_int("sample_trajectories", "n_trajectories", n_trajectories, 0)
         _check_int("sample_trajectories", "length", length, 1)
         states = torch.empty(n_trajectories, length, dtype=torch.long)
@@ -230,6 +292,7 @@ class FSM:
     # ---- persistence ------------------------------------------------------------------------
 
     def to_dict(self) -> dict[str, Any]:
+        """The machine as JSON-ready data: a format tag and version, the config, the transitions."""
         return {
             "format": FORMAT_NAME,
             "version": FORMAT_VERSION,
@@ -239,6 +302,12 @@ class FSM:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> FSM:
+        """The machine `to_dict` describes.
+
+        Raises:
+            ValueError: for data of another format or version, a bad config, or transitions
+                the machine refuses.
+        """
         if data.get("format") != FORMAT_NAME or data.get("version") != FORMAT_VERSION:
             raise ValueError(
                 f"not a saved FSM: expected format={FORMAT_NAME!r} version={FORMAT_VERSION}, "
@@ -253,6 +322,12 @@ class FSM:
 
     @classmethod
     def load(cls, path: str | Path) -> FSM:
+        """Read a machine written by `save`.
+
+        Raises:
+            OSError: if the file cannot be read.
+            ValueError: for a file that is not JSON (json.JSONDecodeError) or not a saved FSM.
+        """
         return cls.from_dict(json.loads(Path(path).read_text()))
 
     def __eq__(self, other: object) -> bool:

@@ -30,7 +30,9 @@ class TransitionAccuracy:
     first_transition_accuracy: float
     """Over the first counted transition of each sequence."""
     n_transitions: int
+    """Transitions counted for `accuracy` (over all sequences)."""
     n_first_transitions: int
+    """Transitions counted for `first_transition_accuracy`: one per sequence."""
 
 
 def transition_accuracy(
@@ -43,6 +45,15 @@ def transition_accuracy(
     state is the first transition (with a BOS-only prompt it is the step between the first two
     generated states). A trailing partial state is ignored; a digit group that is not a state
     (see `FSM.tokens_to_states`) makes the transitions into and out of it invalid.
+
+    Args:
+        fsm: the machine whose edges are the valid transitions.
+        token_sequences: token ids `[batch, pos]`, each starting with BOS.
+        prompt_len: tokens of the prompt, BOS included.
+
+    Raises:
+        ValueError: for `prompt_len < 1`, sequences that do not start with BOS, or sequences
+            too short for any transition to end after the prompt.
     """
     if isinstance(prompt_len, bool) or not isinstance(prompt_len, int) or prompt_len < 1:
         raise ValueError(f"prompt_len must be an integer >= 1 (BOS), got {prompt_len!r}.")
@@ -84,6 +95,11 @@ def sample_transition_accuracy(
     Each prompt is BOS + the digits of a random walk of `prompt_states` states (0: BOS only);
     generations run to `seq_len` tokens (default: `model.cfg.n_ctx`). `seed` fixes prompts and
     samples.
+
+    Raises:
+        ValueError: for no `seq_len` and a model without `cfg.n_ctx`, `n_samples < 1`,
+            `prompt_states < 0`, a negative temperature, `seq_len` not above the prompt, logits
+            of the wrong shape, or sequences too short for a transition after the prompt.
     """
     if seq_len is None:
         n_ctx = getattr(getattr(model, "cfg", None), "n_ctx", None)
@@ -113,6 +129,16 @@ def first_transition_accuracy_exact(
     of its digits' conditional probabilities (exact, from forward passes over every digit prefix
     a state can have). The top `n_edges` states are compared with `s`'s out-edges; the score is
     the mean over states of |top-E ∩ out-edges| / E.
+
+    Needs no sampling (deterministic), and `n_states * prefixes` forward passes of length
+    `1 + 2 * digits_per_state - 1`, `batch_size` at a time.
+
+    Returns:
+        The score in [0, 1].
+
+    Raises:
+        ValueError: if the model's logits are not `[batch, pos, vocab]` or its vocabulary is
+            smaller than the FSM's.
     """
     n, d = fsm.n_states, fsm.digits_per_state
     all_states = torch.arange(n)
@@ -151,7 +177,19 @@ def first_transition_accuracy_exact(
 def next_token_loss(
     model: TokensToLogits, tokens: Int[Tensor, "batch pos"], batch_size: int = 64
 ) -> float:
-    """Mean next-token cross-entropy over every position but the last (nothing else masked)."""
+    """Mean next-token cross-entropy over every position but the last (nothing else masked).
+
+    Args:
+        model: maps tokens to logits (run in eval mode, without gradients).
+        tokens: token ids `[batch, pos]`, `pos >= 2`.
+        batch_size: sequences per forward pass.
+
+    Returns:
+        The mean loss in nats per predicted token.
+
+    Raises:
+        ValueError: for fewer than 2 tokens per sequence, or logits of the wrong shape.
+    """
     if tokens.shape[1] < 2:
         raise ValueError(f"need at least 2 tokens per sequence, got {tokens.shape[1]}.")
     total, count = 0.0, 0

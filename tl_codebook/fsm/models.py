@@ -173,7 +173,21 @@ def load_run(
     out_dir: str | Path, device: str = "cpu"
 ) -> tuple[FSM, HookedCodebookTransformer, HookedCodebookTransformer]:
     """The FSM, the base model and the fine-tuned codebook model of a `tl-codebook demo` run
-    whose two training phases have finished (e.g. to analyse or steer them further)."""
+    whose two training phases have finished (e.g. to analyse or steer them further).
+
+    Args:
+        out_dir: the run directory (`tl-codebook demo --out`).
+        device: where the models go.
+
+    Returns:
+        `(fsm, base_model, codebook_model)`, both models in eval mode.
+
+    Raises:
+        ValueError: if `out_dir` holds no metrics.json (no run), an unreadable one, or a
+            config that no longer validates; CodebookFileError (a ValueError) for missing or
+            corrupted codebook files.
+        FileNotFoundError: if a phase has not finished (its weights or the FSM file missing).
+    """
     from tl_codebook.fsm.metrics_file import read_metrics
 
     out = Path(out_dir)

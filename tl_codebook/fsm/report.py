@@ -67,7 +67,14 @@ def steering_rows(interventions: dict[str, Any] | None) -> list[dict[str, Any]] 
 
 
 def write_report(out_dir: str | Path) -> Path:
-    """Draw the plots the metrics allow and (re)write `index.html`; returns its path."""
+    """Draw the plots the metrics allow and (re)write `index.html`; returns its path.
+
+    Works on a run at any stage: plots need only the metrics that exist so far (a run that
+    stopped early gets a report of what it measured).
+
+    Raises:
+        ValueError: if `out_dir` holds no metrics.json, or an unreadable one.
+    """
     out = Path(out_dir)
     metrics = read_metrics(out)
     plots = _draw_plots(out, metrics)

@@ -102,6 +102,21 @@ def state_code_scores(
     `determined_states`) against the state; entry j (up to `phases`, default every digit of a
     state) the positions j digits into the next state against (state, digits so far), see
     `context_labels`. One forward pass over `tokens` serves every phase.
+
+    Args:
+        model: a model with codebooks; every codebook is scored.
+        fsm: the machine that wrote `tokens`.
+        tokens: BOS-led token ids `[batch, pos]`.
+        phases: how many phases to score (1..digits_per_state).
+        batch_size: sequences per forward pass.
+
+    Returns:
+        One `{site: ConceptScores}` per phase; the scores hold per (group, code, label)
+        precision and recall.
+
+    Raises:
+        ValueError: for `phases` outside 1..digits_per_state, or sequences that do not start
+            with BOS.
     """
     n_phases = fsm.digits_per_state if phases is None else phases
     if not 1 <= n_phases <= fsm.digits_per_state:
@@ -159,6 +174,11 @@ def summarize_state_codes(
 
     A state's best code maximises min(precision, recall), so a state has a precise code exactly
     when its best code's precision and recall both reach the threshold.
+
+    Args:
+        scores: phase 0 of `state_code_scores`: `{site: ConceptScores}`.
+        n_states: the FSM's states.
+        threshold: the precision and recall a precise code needs.
     """
     per_site: dict[str, Any] = {}
     precise_anywhere = torch.zeros(n_states, dtype=torch.bool)
@@ -236,6 +256,12 @@ def steering_codes(
     Every (site, group) whose best code for `label` (by F1) has precision >= `min_precision`
     takes part; with `best_site_only`, or when none qualifies, only the (site, group) whose code
     has the highest F1. Empty when `label` never occurred in the scored data.
+
+    Returns:
+        `{site: {group: [code]}}`, ready for `force_codes`.
+
+    Raises:
+        ValueError: for a `label` outside the scored labels.
     """
     spec: SteeringSpec = {}
     best: tuple[float, str, int, int] = (-1.0, "", -1, -1)
@@ -371,6 +397,13 @@ def evaluate_interventions(
     `random_code` random codes in `steer`'s slots and positions.
     Per condition: `success` = the next state is a successor of s′, `follows_source` = it is a
     successor of s (the two overlap where s and s′ share successors, see `chance_overlap`).
+
+    Returns:
+        JSON-ready results: per condition `{"success", "follows_source"}` (fractions of the
+        prompts), plus the settings, `mean_slots_forced` and `chance_overlap`.
+
+    Raises:
+        ValueError: for `n_prompts < 1` or `prompt_states < 1`.
     """
     if n_prompts < 1 or prompt_states < 1:
         raise ValueError(

@@ -40,7 +40,16 @@ default model trains on (seed itself)."""
 
 
 class TokFSMTask(Task):
-    """The TokFSM task of one machine: sequences of `seq_len` tokens, concepts = states."""
+    """The TokFSM task of one machine: sequences of `seq_len` tokens, concepts = states.
+
+    Args:
+        fsm: the machine.
+        seq_len: tokens per sequence, BOS included (>= 2).
+        steering_prompt_states: states in each steering prompt's walk (>= 1).
+
+    Raises:
+        ValueError: for `seq_len < 2` or `steering_prompt_states < 1` (or non-integers).
+    """
 
     name = NAME
 
@@ -66,18 +75,33 @@ class TokFSMTask(Task):
 
     @property
     def concept_names(self) -> list[str]:
+        """One concept per FSM state, named "state 0", "state 1", and so on."""
         return [f"state {s}" for s in range(self.fsm.n_states)]
 
     def concept_labels(self, tokens: Int[Tensor, "n_seq pos"]) -> Int[Tensor, "n_seq pos"]:
+        """The state whose last digit sits at each position (`determined_states`), else -1.
+
+        Raises:
+            ValueError: if a sequence does not start with BOS.
+        """
         return determined_states(self.fsm, tokens)
 
     @property
     def exclude_token_ids(self) -> list[int]:
+        """The BOS token: its activations are outliers, never trained on or scored."""
         return [self.fsm.bos_token]
 
     # -- data -----------------------------------------------------------------------------------
 
     def tokens(self, n_sequences: int, split: str = "train", seed: int = 0) -> Int[Tensor, "n pos"]:
+        """`n_sequences` random walks as tokens `[n_sequences, seq_len]`, seeded.
+
+        "train" reads a training stream apart from the one the default model trains on;
+        "eval" the held-out stream (`TokFSMDataset.held_out`), which no training stream uses.
+
+        Raises:
+            ValueError: for a split other than "train" / "eval", or `n_sequences < 1`.
+        """
         check_split(split)
         if isinstance(n_sequences, bool) or not isinstance(n_sequences, int) or n_sequences < 1:
             raise ValueError(f"n_sequences must be an integer >= 1, got {n_sequences!r}.")
@@ -90,13 +114,20 @@ class TokFSMTask(Task):
 
     @property
     def has_steering(self) -> bool:
+        """True when the FSM has at least 2 states (a prompt needs another state to go to)."""
         return self.fsm.n_states >= 2
 
     def steering_trials(
         self, n_prompts: int, seed: int = 0, generator: torch.Generator | None = None
     ) -> SteeringTrials:
         """BOS + a walk of `steering_prompt_states` states (s is the last); target a uniformly
-        random other state. `generator` (instead of `seed`) continues a caller's stream."""
+        random other state. `generator` (instead of `seed`) continues a caller's stream.
+
+        Each trial generates one state's digits; `positions` is the prompt's last token.
+
+        Raises:
+            ValueError: for `n_prompts < 1`, or an FSM with fewer than 2 states.
+        """
         if isinstance(n_prompts, bool) or not isinstance(n_prompts, int) or n_prompts < 1:
             raise ValueError(f"n_prompts must be an integer >= 1, got {n_prompts!r}.")
         fsm = self.fsm
@@ -122,6 +153,15 @@ class TokFSMTask(Task):
     def steering_success(
         self, trials: SteeringTrials, generated: Int[Tensor, "n total_len"]
     ) -> Bool[Tensor, " n"]:
+        """Whether the state each continuation ends with is a successor of its target state.
+
+        Args:
+            trials: the trials that were steered.
+            generated: prompt + continuation token ids `[n, total_len]`.
+
+        Returns:
+            Booleans `[n]` (False where the digits written are not a state).
+        """
         states = self.next_states(generated)
         valid = states >= 0
         return valid & self.fsm.transition_matrix[trials.targets, states.clamp(min=0)]
@@ -129,6 +169,7 @@ class TokFSMTask(Task):
     # -- saving ---------------------------------------------------------------------------------
 
     def to_dict(self) -> dict[str, Any]:
+        """JSON-ready: the task name "tokfsm", the FSM, `seq_len`, `steering_prompt_states`."""
         return {
             "name": NAME,
             "fsm": self.fsm.to_dict(),
@@ -138,6 +179,12 @@ class TokFSMTask(Task):
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TokFSMTask:
+        """The task `to_dict` describes.
+
+        Raises:
+            ValueError: for unknown keys, another name, no "fsm" or "seq_len", or a saved FSM
+                or size that is refused.
+        """
         known = {"name", "fsm", "seq_len", "steering_prompt_states"}
         unknown = sorted(set(data) - known)
         if unknown or data.get("name") != NAME or "fsm" not in data or "seq_len" not in data:
@@ -162,6 +209,13 @@ class TokFSMTask(Task):
         device: str = "cpu",
         progress: bool = True,
     ) -> tuple[HookedCodebookTransformer, TokFSMTask]:
+        """Train the comparison's default TokFSM model (`TokFSMModelConfig` with `steps` and
+        `seed`) and save it under `out_dir` (`fsm.json`, `base_model/`); see
+        `train_tokfsm_model`.
+
+        Returns:
+            The trained model (eval mode) and its task.
+        """
         config = dataclasses.replace(TokFSMModelConfig(), steps=steps, seed=seed)
         return train_tokfsm_model(config, out_dir, device=device, progress=progress)
 
@@ -169,6 +223,12 @@ class TokFSMTask(Task):
     def load_model(
         cls, model_dir: str | Path, device: str = "cpu"
     ) -> tuple[HookedCodebookTransformer, TokFSMTask]:
+        """Reopen a TokFSM model saved by `tl-codebook compare` or `tl-codebook demo`.
+
+        Raises:
+            FileNotFoundError: if `fsm.json`, the weights or the model config is missing.
+            ValueError: for a damaged or mismatched file (named in the message).
+        """
         return load_tokfsm_model(model_dir, device=device)
 
 
