@@ -51,6 +51,11 @@ def _register_builtin_commands() -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The `tl-codebook` parser: one subparser per entry of `SUBCOMMANDS` (the built-in ones
+    registered first), each with its one-line help as its description and `func` set.
+
+    The CLI reference page of the documentation is generated from this parser.
+    """
     _register_builtin_commands()
     parser = argparse.ArgumentParser(
         prog="tl-codebook",
@@ -73,6 +78,7 @@ USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, TypeError, KeyError,
 run directory): `main` prints one line naming it and exits 2. `--traceback` shows the stack."""
 
 EXIT_USER_ERROR = 2
+"""The exit code of a user error (argparse's own code for bad arguments)."""
 
 
 def user_error_message(err: BaseException) -> str:
@@ -83,7 +89,16 @@ def user_error_message(err: BaseException) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run `tl-codebook`; every user error is one line on stderr and exit code 2."""
+    """Run `tl-codebook`; every user error is one line on stderr and exit code 2.
+
+    Args:
+        argv: the arguments (default: `sys.argv[1:]`).
+
+    Returns:
+        The exit code: the subcommand's (0 on success), `EXIT_USER_ERROR` for one of
+        `USER_ERRORS`; without a subcommand the help is printed and 0 returned. Other
+        exceptions propagate (a bug, or `--traceback`).
+    """
     parser = build_parser()
     parser.add_argument(
         "--traceback", action="store_true", help="show the full traceback of an error"
