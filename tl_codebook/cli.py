@@ -96,8 +96,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     Returns:
         The exit code: the subcommand's (0 on success), `EXIT_USER_ERROR` for one of
-        `USER_ERRORS`; without a subcommand the help is printed and 0 returned. Other
-        exceptions propagate (a bug, or `--traceback`).
+            `USER_ERRORS`; without a subcommand the help is printed and 0 returned. Other
+            exceptions propagate (a bug, or `--traceback`).
     """
     parser = build_parser()
     parser.add_argument(

@@ -311,7 +311,7 @@ class Codebook(HookPoint):
 
         Returns:
             Scores `[..., n_groups, num_codes]`, higher is closer (negative distance for
-            "euclidean").
+                "euclidean").
 
         Raises:
             ValueError: if the last axis of `x` is neither `d_in` nor `[n_groups, d_group]`.

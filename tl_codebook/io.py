@@ -172,7 +172,7 @@ def model_shape(model: torch.nn.Module) -> dict[str, Any]:
 
     Returns:
         `{name: value}` for `n_layers, d_model, n_heads, d_head, d_mlp, d_vocab, n_ctx` (None
-        where the config lacks one); `{}` for a module without a `cfg`.
+            where the config lacks one); `{}` for a module without a `cfg`.
     """
     cfg = getattr(model, "cfg", None)
     if cfg is None:

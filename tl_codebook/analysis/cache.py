@@ -883,7 +883,7 @@ class CodeCache:
 
         Returns:
             float64 `[n_groups, num_codes]`: the fraction of cached tokens at which each code
-            fires.
+                fires.
 
         Raises:
             UnknownCacheHookError: for a hook the cache does not hold.

@@ -438,7 +438,7 @@ def evaluate_method(
 
     Returns:
         A `MethodEvaluation`: `row` (flat scores, JSON/CSV-ready) and `details` (per latent,
-        per concept).
+            per concept).
 
     Raises:
         ValueError: if the method's `d_in` is not the store's width at `hook_name`, it was

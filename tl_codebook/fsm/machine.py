@@ -226,7 +226,7 @@ class FSM:
 
         Returns:
             State ids `[*batch, n]`, `n = (pos - 1) // digits_per_state` (`pos // ...` without
-            BOS); -1 for a group that is no state.
+                BOS); -1 for a group that is no state.
 
         Raises:
             ValueError: with `starts_with_bos`, if a sequence is empty or does not start with

@@ -112,7 +112,7 @@ def state_code_scores(
 
     Returns:
         One `{site: ConceptScores}` per phase; the scores hold per (group, code, label)
-        precision and recall.
+            precision and recall.
 
     Raises:
         ValueError: for `phases` outside 1..digits_per_state, or sequences that do not start
@@ -400,7 +400,7 @@ def evaluate_interventions(
 
     Returns:
         JSON-ready results: per condition `{"success", "follows_source"}` (fractions of the
-        prompts), plus the settings, `mean_slots_forced` and `chance_overlap`.
+            prompts), plus the settings, `mean_slots_forced` and `chance_overlap`.
 
     Raises:
         ValueError: for `n_prompts < 1` or `prompt_states < 1`.
