@@ -683,7 +683,11 @@ class CodeCache:
 
     @property
     def vocab(self) -> list[str]:
-        """Token strings, indexed by token id (read from vocab.json on first use)."""
+        """Token strings, indexed by token id (read from vocab.json on first use).
+
+        Raises:
+            CodeCacheError: if vocab.json is missing or unreadable.
+        """
         if self._vocab is None:
             try:
                 vocab = json.loads((self._path / VOCAB_FILE).read_text(encoding="utf-8"))

@@ -448,7 +448,14 @@ class ActivationStore:
         exclude_token_ids: Sequence[int] = (),
         device: str = "cpu",
     ) -> Any:
-        """SAELens' own `ActivationsStore` reading this directory (see `saelens_adapter`)."""
+        """SAELens' own `ActivationsStore` reading this directory (see `saelens_adapter`).
+
+        It shuffles with SAELens' mixing buffer (not the seeded order of `batches`); use it to
+        train with SAELens' loader, or to check that SAELens reads the very tensors stored.
+
+        Raises:
+            StoreError: for a hook the store does not hold.
+        """
         from tl_codebook.comparisons.store.saelens_adapter import saelens_activations_store
 
         return saelens_activations_store(
