@@ -184,7 +184,7 @@ recall = [m.recall if m else 0.0 for m in best_per_state]
 precise = np.mean([p >= 0.9 and r >= 0.9 for p, r in zip(precision, recall)])
 print(f"states with a code of precision >= 0.9 and recall >= 0.9: {precise:.3f}")
 if SIZE == "full":
-    assert precise >= 0.5, precise
+    assert precise >= 0.4, precise
 
 figure = plot_precision_recall_bars(
     task.concept_names,
