@@ -118,6 +118,22 @@ def api_target(package: str, name: str) -> str:
     return f"{defined_in}.{own_name}"
 
 
+def own_inherited_members(obj: object) -> list[str]:
+    """Public members a class takes from a base class of ours (a private mixin, say), which
+    mkdocstrings leaves out by default; members from TransformerLens, torch or SAELens stay out
+    (a `HookedCodebookTransformer` page is not the place for all of `HookedTransformer`)."""
+    if not isinstance(obj, type):
+        return []
+    names: list[str] = []
+    for base in obj.__mro__[1:]:
+        if not base.__module__.startswith("tl_codebook"):
+            continue
+        for member in vars(base):
+            if not member.startswith("_") and member not in vars(obj) and member not in names:
+                names.append(member)
+    return names
+
+
 def api_reference(package: str, summary: str) -> str:
     """One reference page: a mkdocstrings entry for each name in the package's `__all__` that
     this package is the home of, and a cross-reference for names documented on another page."""
@@ -132,7 +148,11 @@ def api_reference(package: str, summary: str) -> str:
         if home != package:
             elsewhere.append(f"| [`{name}`][{target}] | [`{home}`]({home}.md) |")
             continue
-        lines += [f"::: {target}", "    options:", "      heading_level: 2", ""]
+        lines += [f"::: {target}", "    options:", "      heading_level: 2"]
+        inherited = own_inherited_members(getattr(module, name))
+        if inherited:
+            lines.append(f"      inherited_members: {inherited}")
+        lines.append("")
     if elsewhere:
         lines += ["## Also exported here", "", "| name | documented in |", "|---|---|"]
         lines += elsewhere + [""]
