@@ -31,12 +31,11 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import torch
-from transformer_lens import HookedTransformerConfig
 
 from tl_codebook import HookedCodebookTransformer
 from tl_codebook.fsm import (
     FSM,
-    FSMConfig,
+    ExperimentConfig,
     TokFSMDataset,
     next_token_loss,
     sample_transition_accuracy,
@@ -62,32 +61,23 @@ started = time.perf_counter()
 
 # %%
 if SIZE == "toy":
-    fsm_cfg = FSMConfig(n_states=6, n_edges=2, base=3, seed=0)
-    seq_len, n_layers, d_model, n_heads, d_mlp = 16, 1, 32, 2, 64
+    shape = dict(n_states=6, n_edges=2, base=3)
+    shape.update(seq_len=16, n_layers=1, d_model=32, n_heads=2, d_mlp=64)
     base_steps, joint_steps, batch_size, num_codes = 300, 40, 32, 24
     checkpoint_every, n_held_out, n_samples = 10, 64, 32
 else:
-    fsm_cfg = FSMConfig(n_states=32, n_edges=4, base=10, seed=0)
-    seq_len, n_layers, d_model, n_heads, d_mlp = 32, 2, 64, 4, 256
+    shape = dict(n_states=32, n_edges=4, base=10)
+    shape.update(seq_len=32, n_layers=2, d_model=64, n_heads=4, d_mlp=256)
     base_steps, joint_steps, batch_size, num_codes = 600, 300, 64, 128
     checkpoint_every, n_held_out, n_samples = 50, 512, 200
 
-fsm = FSM.generate(fsm_cfg)
+# the TokFSM demo's model family (rotary, LayerNorm, GELU) at this size; tutorial 02 spells out
+# the same HookedTransformerConfig field by field
+shape_config = ExperimentConfig(**shape)
+seq_len = shape_config.seq_len
+fsm = FSM.generate(shape_config.fsm_config())
 held_out = TokFSMDataset(fsm, seq_len=seq_len, seed=0).held_out(n_held_out)
-model_cfg = HookedTransformerConfig(
-    n_layers=n_layers,
-    d_model=d_model,
-    n_heads=n_heads,
-    d_head=d_model // n_heads,
-    d_mlp=d_mlp,
-    n_ctx=seq_len,
-    d_vocab=fsm.vocab_size,
-    act_fn="gelu",
-    normalization_type="LN",
-    positional_embedding_type="rotary",
-    seed=0,
-    device="cpu",
-)
+model_cfg = shape_config.model_config(fsm.vocab_size, "cpu")
 base = HookedCodebookTransformer(model_cfg)
 base_result = train_codebooks(
     base,

@@ -31,13 +31,11 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import torch
-from transformer_lens import HookedTransformerConfig
 
-from tl_codebook import HookedCodebookTransformer
 from tl_codebook.analysis import CodeCache
 from tl_codebook.fsm import (
     FSM,
-    FSMConfig,
+    ExperimentConfig,
     TokFSMDataset,
     TokFSMTask,
     determined_states,
@@ -47,6 +45,7 @@ from tl_codebook.fsm import (
     steering_codes,
     summarize_state_codes,
 )
+from tl_codebook.fsm.models import build_base_model, train_base_model
 from tl_codebook.training import TrainConfig, train_codebooks
 
 warnings.filterwarnings("ignore", message="HookedTransformer is deprecated")  # TL 3.9 notice
@@ -64,48 +63,28 @@ started = time.perf_counter()
 
 # %%
 if SIZE == "toy":
-    fsm_cfg = FSMConfig(n_states=6, n_edges=2, base=3, seed=0)
-    seq_len, n_layers, d_model, n_heads, d_mlp = 16, 1, 32, 2, 64
+    shape = dict(n_states=6, n_edges=2, base=3)
+    shape.update(seq_len=16, n_layers=1, d_model=32, n_heads=2, d_mlp=64)
     base_steps, joint_steps, batch_size, num_codes = 300, 60, 32, 24
     n_held_out, n_prompts = 64, 48
 else:
-    fsm_cfg = FSMConfig(n_states=32, n_edges=4, base=10, seed=0)
-    seq_len, n_layers, d_model, n_heads, d_mlp = 32, 2, 64, 4, 256
+    shape = dict(n_states=32, n_edges=4, base=10)
+    shape.update(seq_len=32, n_layers=2, d_model=64, n_heads=4, d_mlp=256)
     base_steps, joint_steps, batch_size, num_codes = 600, 300, 64, 128
     n_held_out, n_prompts = 512, 400
 
-fsm = FSM.generate(fsm_cfg)
+# The demo's TokFSM model family and base-model training (rotary, LayerNorm, GELU; AdamW with
+# weight decay 0.1, lr 3e-3, warm-up then cosine decay), so this tutorial can spend its time
+# on the codes.
+config = ExperimentConfig(
+    **shape, base_steps=base_steps, base_batch_size=batch_size, progress=False
+)
+seq_len = config.seq_len
+fsm = FSM.generate(config.fsm_config())
 held_out = TokFSMDataset(fsm, seq_len=seq_len, seed=0).held_out(n_held_out)
-model = HookedCodebookTransformer(
-    HookedTransformerConfig(
-        n_layers=n_layers,
-        d_model=d_model,
-        n_heads=n_heads,
-        d_head=d_model // n_heads,
-        d_mlp=d_mlp,
-        n_ctx=seq_len,
-        d_vocab=fsm.vocab_size,
-        act_fn="gelu",
-        normalization_type="LN",
-        positional_embedding_type="rotary",
-        seed=0,
-        device="cpu",
-    )
-)
+model = build_base_model(config, fsm, "cpu")
+train_base_model(config, model, TokFSMDataset(fsm, seq_len=seq_len, seed=0).batches(batch_size))
 common = dict(batch_size=batch_size, model_weight_decay=0.1, log_every=10, seed=0, progress=False)
-train_codebooks(
-    model,
-    TokFSMDataset(fsm, seq_len=seq_len, seed=0).batches(batch_size),
-    TrainConfig(
-        mode="joint",
-        steps=base_steps,
-        lr=3e-3,
-        warmup_steps=base_steps // 10,
-        schedule="cosine",
-        min_lr_fraction=0.1,
-        **common,
-    ),
-)
 base_loss = next_token_loss(model, held_out)
 train_codebooks(
     model,
