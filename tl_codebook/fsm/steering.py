@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from tl_codebook.analysis.concepts import ConceptScores, code_concept_precision_recall
 from tl_codebook.fsm.dataset import determined_states
+from tl_codebook.fsm.divergence import intervention_divergence
 from tl_codebook.fsm.machine import FSM
 from tl_codebook.fsm.task import TokFSMTask
 from tl_codebook.hooks.model import HookedCodebookTransformer
@@ -385,6 +386,7 @@ def evaluate_interventions(
     min_precision: float = 0.0,
     seed: int = 0,
     progress: bool = True,
+    js_divergence: bool = True,
 ) -> dict[str, Any]:
     """Steer prompts in state s to a random other state s′ and score the next generated state.
 
@@ -396,11 +398,15 @@ def evaluate_interventions(
     best (site, group); `steer_last_position` only at the prompt's last position (phase 0);
     `random_code` random codes in `steer`'s slots and positions.
     Per condition: `success` = the next state is a successor of s′, `follows_source` = it is a
-    successor of s (the two overlap where s and s′ share successors, see `chance_overlap`).
+    successor of s (the two overlap where s and s′ share successors, see `chance_overlap`);
+    `js_divergence` = the reference's measure, the mean Jensen-Shannon divergence (bits)
+    between the exact next-state distribution under the condition and s′'s true one
+    (`tl_codebook.fsm.divergence`; with `js_divergence=False` it is left out).
 
     Returns:
-        JSON-ready results: per condition `{"success", "follows_source"}` (fractions of the
-            prompts), plus the settings, `mean_slots_forced` and `chance_overlap`.
+        JSON-ready results: per condition `{"success", "follows_source", "js_divergence"}`
+            (fractions of the prompts; mean bits), plus the settings, `mean_slots_forced` and
+            `chance_overlap`.
 
     Raises:
         ValueError: for `n_prompts < 1` or `prompt_states < 1`.
@@ -439,8 +445,9 @@ def evaluate_interventions(
     }
     generated = {c: torch.zeros(n_prompts, trials.total_len, dtype=torch.long) for c in CONDITIONS}
     unique_targets = targets.unique().tolist()
+    divergence: dict[str, Tensor] = {}
     bar = tqdm(
-        total=len(unique_targets) * len(CONDITIONS),
+        total=len(unique_targets) * len(CONDITIONS) * (2 if js_divergence else 1),
         desc="interventions",
         disable=not progress,
         dynamic_ncols=True,
@@ -452,6 +459,12 @@ def evaluate_interventions(
                 model, fsm, prompts[rows], target, spec_fors[condition], temperature, generator
             )
             bar.update()
+            if js_divergence:
+                js = intervention_divergence(
+                    model, fsm, prompts[rows], targets[rows], spec_fors[condition]
+                )
+                divergence.setdefault(condition, torch.empty(n_prompts))[rows] = js
+                bar.update()
     bar.close()
     matrix = fsm.transition_matrix
     results: dict[str, Any] = {
@@ -461,6 +474,11 @@ def evaluate_interventions(
             .float()
             .mean()
             .item(),
+            **(
+                {"js_divergence": divergence[condition].mean().item()}
+                if condition in divergence
+                else {}
+            ),
         }
         for condition, tokens in generated.items()
     }
