@@ -20,6 +20,12 @@ from tl_codebook.training.config import CODEBOOK_INITS, SCHEDULES
 
 CODEBOOK_SITES = ("attn.hook_z", "hook_mlp_out")
 """Per-layer sites a codebook can sit at; `attn.hook_z` gets one group per head."""
+PAPER_FSM_CODES = 1024
+"""Codes per codebook of the paper-fsm preset (the paper: 1000)."""
+CODEBOOK_ROUTES = ("fine-tune", "scratch")
+"""How phase 2 gets its codebook model: "fine-tune" the trained base model jointly with the
+codebooks (ours), or train a fresh model from "scratch" with the codebooks in place (the
+reference's)."""
 
 
 def tokfsm_model_kwargs(
@@ -104,10 +110,17 @@ class ExperimentConfig:
     """Codes active per token and group."""
     similarity: str = "inner_product"
     """How activations score against codes ("inner_product", "cosine", "euclidean")."""
+    codebook_route: str = "fine-tune"
+    """"fine-tune": insert the codebooks into the trained base model and fine-tune both
+    jointly; "scratch": the reference's route, a freshly initialised model (the base model's
+    initial weights) trained with its codebooks in place (see `CODEBOOK_ROUTES`)."""
     codebook_init: str = "kmeans"
     """"kmeans": k-means centres of the base model's activations (BOS positions left out: an
     outlier); "activations": random real activations (right scale from the first step);
     "random": N(0, 1) as in the paper's from-scratch runs."""
+    dead_code_every: int = 0
+    """Replace codes no position chose over the last N fine-tuning steps by recent
+    activations plus noise (the trainer's `dead_code_every`); 0: never."""
     # training
     base_steps: int = 1200
     """Steps of phase 1: training the base model on the FSM's sequences."""
@@ -169,6 +182,7 @@ class ExperimentConfig:
             check_choice("ExperimentConfig.codebook_sites entry", site, CODEBOOK_SITES)
         check_choice("ExperimentConfig.lr_schedule", self.lr_schedule, SCHEDULES)
         check_choice("ExperimentConfig.codebook_init", self.codebook_init, CODEBOOK_INITS)
+        check_choice("ExperimentConfig.codebook_route", self.codebook_route, CODEBOOK_ROUTES)
         if self.d_model % self.n_heads:
             raise ValueError(
                 f"ExperimentConfig.d_model={self.d_model} must be divisible by "
@@ -187,11 +201,10 @@ class ExperimentConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"ExperimentConfig.{name} must be an integer >= 1, got {value!r}.")
-        value = self.checkpoint_every
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise ValueError(
-                f"ExperimentConfig.checkpoint_every must be an integer >= 0, got {value!r}."
-            )
+        for name in ("checkpoint_every", "dead_code_every"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"ExperimentConfig.{name} must be an integer >= 0, got {value!r}.")
         if self.k > self.num_codes:
             raise ValueError(
                 f"ExperimentConfig.k={self.k} must be at most num_codes={self.num_codes}."
@@ -252,6 +265,27 @@ class ExperimentConfig:
             n_samples=200,
             n_held_out=1024,
             n_intervention_prompts=2000,
+        )
+
+    @classmethod
+    def paper_fsm(cls) -> ExperimentConfig:
+        """The paper's machine and codebook sites at a size a 2-core CPU trains in under 30
+        minutes (`tl-codebook demo --preset paper-fsm`).
+
+        Kept from the paper exactly: N=100 states, E=10 out-edges, 2 base-10 digits per state,
+        BOS + digits sequences, a codebook on every layer's `attn.hook_z` (one group per head)
+        and `hook_mlp_out`, k=1, inner product; 4 layers. Chosen by measurement (issue 14; the
+        search is written down in docs/tokfsm.md): learned absolute positions instead of rotary
+        (with N=100 every digit pair is a state, so a rotary model must count to know which
+        digit of a state it reads: 0.84 transition accuracy against 0.99), PAPER_FSM_CODES
+        codes per codebook, and the steps below.
+        """
+        return cls(
+            n_states=100,
+            n_edges=10,
+            base=10,
+            positional_embedding_type="standard",
+            num_codes=PAPER_FSM_CODES,
         )
 
     # -- derived -----------------------------------------------------------------------------
@@ -320,11 +354,12 @@ class ExperimentConfig:
 PRESETS: dict[str, Callable[[], ExperimentConfig]] = {
     "cpu": ExperimentConfig,
     "paper": ExperimentConfig.paper,
+    "paper-fsm": ExperimentConfig.paper_fsm,
     "toy": ExperimentConfig.toy,
 }
 """The named starting points of `tl-codebook demo --preset`: name -> a function returning a
-fresh `ExperimentConfig` ("cpu": the defaults, "paper": `ExperimentConfig.paper()`, "toy":
-`ExperimentConfig.toy()`)."""
+fresh `ExperimentConfig` ("cpu": the defaults, "paper": `ExperimentConfig.paper()`,
+"paper-fsm": `ExperimentConfig.paper_fsm()`, "toy": `ExperimentConfig.toy()`)."""
 
 RUN_ONLY_FIELDS = ("threads", "device", "progress", "checkpoint_every")
 """Fields that change how a run executes but not what it computes: a resumed run may change

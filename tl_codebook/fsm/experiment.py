@@ -37,11 +37,11 @@ from tl_codebook.fsm.models import (
     TRAINING_DIR,
     build_base_model,
     codebook_train_config,
-    copy_model,
     load_base_model,
     load_codebook_model,
     phase_dir,
     save_base_model,
+    starting_model,
     train_base_model,
     train_codebook_model,
 )
@@ -362,10 +362,11 @@ def _loss_with_initial_codebooks(
     base: HookedCodebookTransformer,
     held_out: torch.Tensor,
 ) -> float:
-    """Held-out loss of the base model with its codebooks just initialised, before any
-    fine-tuning: how much inserting them costs. The trainer initialises them exactly as in the
+    """Held-out loss of phase 2's starting model (`starting_model`: the base model, or a fresh
+    one on the scratch route) with its codebooks just initialised, before any training: on
+    the fine-tuning route, how much inserting them costs. The trainer initialises them exactly as in the
     fine-tuning phase (same config, data and seed) and takes one step at learning rate 0."""
-    model = copy_model(base)
+    model = starting_model(config, base, fsm)
     batches = TokFSMDataset(fsm, seq_len=config.seq_len, seed=config.seed + 1).batches(
         config.codebook_batch_size
     )

@@ -33,6 +33,16 @@ TRAINING_DIR = "training"
 """`training/base` and `training/codebook` hold each phase's checkpoints and `metrics.jsonl`."""
 INIT_ROWS = 64
 """Sequences of base-model activations the k-means / activations init reads (at least)."""
+INIT_POSITIONS_PER_CODE = 16
+"""...and at least this many token positions per code: with 1024 codes, 64 sequences give
+k-means about 2 points per centre, and the near-duplicate centres it then returns die."""
+
+
+def init_batches(config: ExperimentConfig) -> int:
+    """Batches the codebook init reads: enough for `INIT_ROWS` sequences and for
+    `INIT_POSITIONS_PER_CODE` positions per code (BOS excluded)."""
+    per_code = -(-INIT_POSITIONS_PER_CODE * config.num_codes // (config.seq_len - 1))
+    return -(-max(INIT_ROWS, per_code) // config.codebook_batch_size)
 
 
 def warmup_steps(steps: int) -> int:
@@ -91,7 +101,8 @@ def codebook_train_config(config: ExperimentConfig, fsm: FSM, out_dir: Path | No
         schedule=config.lr_schedule,
         min_lr_fraction=config.min_lr_fraction,
         codebook_init=config.codebook_init,
-        init_batches=-(-INIT_ROWS // config.codebook_batch_size),
+        init_batches=init_batches(config),
+        dead_code_every=config.dead_code_every,
         exclude_token_ids=[fsm.bos_token],
         checkpoint_every=config.checkpoint_every if out_dir is not None else 0,
         out_dir=None if out_dir is None else str(out_dir),
@@ -127,6 +138,17 @@ def copy_model(base: HookedCodebookTransformer) -> HookedCodebookTransformer:
     return model
 
 
+def starting_model(
+    config: ExperimentConfig, base: HookedCodebookTransformer, fsm: FSM
+) -> HookedCodebookTransformer:
+    """The model phase 2 inserts its codebooks into: a copy of `base` (route "fine-tune", ours)
+    or a freshly initialised model with the base model's initial weights (route "scratch", the
+    reference's: the codebook model is trained from scratch with its codebooks in place)."""
+    if config.codebook_route == "scratch":
+        return build_base_model(config, fsm, str(next(base.parameters()).device))
+    return copy_model(base)
+
+
 def train_codebook_model(
     config: ExperimentConfig,
     base: HookedCodebookTransformer,
@@ -135,9 +157,9 @@ def train_codebook_model(
     out_dir: Path | None = None,
     resume: bool = False,
 ) -> tuple[HookedCodebookTransformer, TrainResult]:
-    """A copy of `base` with a codebook at every site, fine-tuned jointly on `batches` (the first
+    """`starting_model` with a codebook at every site, trained jointly on `batches` (the first
     batches also serve the codebook init); returns the model and the trainer's result."""
-    model = copy_model(base)
+    model = starting_model(config, base, fsm)
     result = train_codebooks(
         model, batches, codebook_train_config(config, fsm, out_dir), resume=resume
     )
