@@ -46,8 +46,9 @@ def add_demo_command(parser: argparse.ArgumentParser) -> None:
         "--preset",
         choices=sorted(PRESETS),
         default=None,
-        help="starting configuration: cpu (default, a few minutes on 2 cores), paper, toy "
-        "(seconds; for smoke tests)",
+        help="starting configuration: cpu (default, a few minutes on 2 cores), paper-fsm (the "
+        "paper's N=100/E=10 machine and codebook sites, under 30 minutes on 2 cores), paper "
+        "(the paper's model and steps, for a GPU), toy (seconds; for smoke tests)",
     )
     parser.add_argument(
         "--config", type=Path, default=None, help="a JSON file of config fields to apply"

@@ -60,6 +60,11 @@ def steering_rows(interventions: dict[str, Any] | None) -> list[dict[str, Any]] 
             "condition": CONDITION_NAMES[name],
             "success (next state follows s′)": interventions[name]["success"],
             "next state follows s": interventions[name]["follows_source"],
+            **(
+                {"JS divergence to s′'s next states (bits)": interventions[name]["js_divergence"]}
+                if "js_divergence" in interventions[name]
+                else {}
+            ),
         }
         for name in CONDITION_NAMES
         if isinstance(interventions.get(name), dict)
@@ -296,6 +301,14 @@ def _html(metrics: dict[str, Any], plots: dict[str, str]) -> str:
             f"<tr><td><code>{key}.{name}</code></td><td>{_fmt(result.get(name))}</td>"
             f"<td>{note}</td></tr>"
         )
+    for condition in ("steer", "random_code", "none"):
+        result = (metrics.get("interventions") or {}).get(condition) or {}
+        if "js_divergence" in result:
+            rows.append(
+                f"<tr><td><code>interventions.{condition}.js_divergence</code></td>"
+                f"<td>{_fmt(result['js_divergence'])}</td><td>the reference's measure, bits "
+                "(lower is better)</td></tr>"
+            )
     rows.append(
         f"<tr><td><code>loss_floor</code></td><td>{_fmt(metrics.get('loss_floor'))}</td>"
         "<td>the task's entropy: the best possible loss</td></tr>"
@@ -382,7 +395,12 @@ codebook</b> (<code>steer_best_site</code>: only the one slot whose code has the
 digit position); <b>last prompt position only</b> (<code>steer_last_position</code>: all slots,
 only at the prompt's last token); <b>random codes</b> (<code>random_code</code>: in the same slots
 and positions as <code>steer</code>, a code drawn uniformly from that codebook's other codes);
-<b>no intervention</b> (<code>none</code>).</p>
+<b>no intervention</b> (<code>none</code>).
+The reference's own measure needs no sampling: for each prompt, the exact probability of every
+next state under the condition (the product of its digits' probabilities), compared with s′'s
+true next states (uniform over its out-edges) by the Jensen-Shannon divergence, in bits (0: the
+model continues exactly as the machine does from s′; 1: never a successor of s′). Its mean per
+condition is <code>js_divergence</code> in the code browser's steering table.</p>
 {_figure(plots, "interventions", "Fraction of generated next states that follow s′ (success) or the true current state s. The two overlap when s and s′ share successors (on average " + _fmt(interventions.get("chance_overlap")) + " of the successors).")}
 
 <h3>4. Browse the codes</h3>
