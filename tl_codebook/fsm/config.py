@@ -277,8 +277,11 @@ class ExperimentConfig:
         and `hook_mlp_out`, k=1, inner product; 4 layers. Chosen by measurement (issue 14; the
         search is written down in docs/tokfsm.md): learned absolute positions instead of rotary
         (with N=100 every digit pair is a state, so a rotary model must count to know which
-        digit of a state it reads: 0.84 transition accuracy against 0.99), PAPER_FSM_CODES
-        codes per codebook, and the steps below.
+        digit of a state it reads: 0.84 transition accuracy against 0.99), `PAPER_FSM_CODES`
+        codes per codebook (up to N * E = 1000 contexts to tell apart; 128 codes gave 0.27),
+        and the CPU default's steps. Measured (about 7 minutes on 2 cores): seed 0 codebook
+        model 0.970 transition accuracy, 0.980 exact first-transition accuracy, 0.955 steering;
+        seed 1 0.946, 0.957, 0.928 (just under the targets).
         """
         return cls(
             n_states=100,

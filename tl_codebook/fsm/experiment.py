@@ -225,7 +225,8 @@ def _run_phases(
         f"({fsm.digits_per_state} digits/state), seq_len {config.seq_len}; model: "
         f"{config.n_layers} layers, d_model {config.d_model}, {config.n_heads} heads, d_mlp "
         f"{config.d_mlp}, {config.positional_embedding_type}; codebooks: {config.num_codes} codes, "
-        f"k={config.k} at {', '.join(config.codebook_sites)} of every layer; steps: base "
+        f"k={config.k} at {', '.join(config.codebook_sites)} of every layer, route "
+        f"{config.codebook_route}; steps: base "
         f"{config.base_steps} x {config.base_batch_size}, codebook {config.codebook_steps} x "
         f"{config.codebook_batch_size}; device {device}; writing to {out}"
     )
