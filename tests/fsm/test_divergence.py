@@ -3,6 +3,7 @@ distribution (against a brute-force product over whole sequences) and its known 
 model whose forced codes decide its output."""
 
 import math
+from contextlib import ExitStack
 
 import pytest
 import torch
@@ -17,9 +18,16 @@ from tl_codebook.fsm.divergence import (
     next_state_distribution,
     target_distribution,
 )
-from tl_codebook.fsm.steering import evaluate_interventions, steering_codes
+from tl_codebook.fsm.steering import evaluate_interventions
 
-from .test_steering import LAST_RESID, digit_writer, oracle_scores, ring_fsm
+from .test_steering import (
+    LAST_RESID,
+    ORACLE_PROMPT_WALKS,
+    digit_writer,
+    oracle_scores,
+    oracle_spec_for,
+    ring_fsm,
+)
 
 
 def test_jensen_shannon_known_values():
@@ -49,21 +57,15 @@ def brute_force_distribution(model, fsm, prompts, target, spec_for):
     for t in range(fsm.n_states):
         digits = fsm.state_to_tokens(t)
         tokens = torch.cat([prompts, torch.tensor(digits).expand(prompts.shape[0], d)], dim=1)
-        hooks = []
-        for i in range(d):
-            value = 0
-            for digit in digits[:i]:
-                value = value * fsm.base + digit
-            spec = spec_for(i, target * fsm.base**i + value)
-            if spec:
-                hooks.append(model.force_codes(spec, positions=[last + i]))
-        for hook in hooks:
-            hook.__enter__()
-        try:
+        with ExitStack() as stack:
+            for i in range(d):
+                value = 0
+                for digit in digits[:i]:
+                    value = value * fsm.base + digit
+                spec = spec_for(i, target * fsm.base**i + value)
+                if spec:
+                    stack.enter_context(model.force_codes(spec, positions=[last + i]))
             log_probs = F.log_softmax(model(tokens).float(), dim=-1)
-        finally:
-            for hook in reversed(hooks):
-                hook.__exit__(None, None, None)
         for i in range(d):
             out[:, t] += log_probs[:, last + i, digits[i]]
     return out.exp()
@@ -106,11 +108,8 @@ def sharp_digit_writer(make_tiny_cfg, fsm: FSM) -> HookedCodebookTransformer:
 def test_forcing_the_oracle_codes_concentrates_on_the_first_successor(make_tiny_cfg):
     fsm = ring_fsm()
     model = sharp_digit_writer(make_tiny_cfg, fsm)
-    scores = oracle_scores(fsm)
-    prompts = fsm.trajectory_to_tokens(torch.tensor([[0, 1], [2, 3], [3, 0]]))
-
-    def spec_for(phase: int, label: int):
-        return steering_codes(scores[phase], label)
+    spec_for = oracle_spec_for(fsm)
+    prompts = fsm.trajectory_to_tokens(torch.tensor(ORACLE_PROMPT_WALKS))
 
     for target in range(fsm.n_states):
         probs = next_state_distribution(model, fsm, prompts, target, spec_for)

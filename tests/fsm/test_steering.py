@@ -105,14 +105,25 @@ def oracle_scores(fsm: FSM) -> list[dict]:
     return [{LAST_RESID: phase0}, {LAST_RESID: phase1}]
 
 
-def test_forcing_state_codes_writes_the_known_next_state(make_tiny_cfg):
-    fsm = ring_fsm()
-    model = digit_writer(make_tiny_cfg, fsm)
+def oracle_spec_for(fsm: FSM):
+    """The `spec_for` of steering with `oracle_scores`: each (phase, label)'s best code."""
     scores = oracle_scores(fsm)
-    prompts = fsm.trajectory_to_tokens(torch.tensor([[0, 1], [2, 3], [3, 0]]))
 
     def spec_for(phase: int, label: int):
         return steering_codes(scores[phase], label)
+
+    return spec_for
+
+
+ORACLE_PROMPT_WALKS = [[0, 1], [2, 3], [3, 0]]
+"""Three ring-FSM walks the oracle tests prompt with."""
+
+
+def test_forcing_state_codes_writes_the_known_next_state(make_tiny_cfg):
+    fsm = ring_fsm()
+    model = digit_writer(make_tiny_cfg, fsm)
+    spec_for = oracle_spec_for(fsm)
+    prompts = fsm.trajectory_to_tokens(torch.tensor(ORACLE_PROMPT_WALKS))
 
     for target in range(fsm.n_states):
         states = generate_next_state(model, fsm, prompts, target, spec_for, temperature=0.0)

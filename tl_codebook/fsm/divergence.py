@@ -27,7 +27,7 @@ from tl_codebook.hooks.model import HookedCodebookTransformer
 from tl_codebook.tasks import checked_logits, evaluating
 
 if TYPE_CHECKING:
-    from tl_codebook.fsm.steering import SpecFor
+    from tl_codebook.fsm.steering import SpecFor, SteeringSpec
 
 
 def jensen_shannon(
@@ -81,9 +81,9 @@ def next_state_distribution(
     last = prompts.shape[1] - 1
     prompts = prompts.cpu()
     n = prompts.shape[0]
-    specs: dict[tuple[int, int], dict[str, dict[int, list[int]]] | None] = {}
+    specs: dict[tuple[int, int], SteeringSpec | None] = {}
 
-    def spec(phase: int, label: int) -> dict[str, dict[int, list[int]]] | None:
+    def spec(phase: int, label: int) -> SteeringSpec | None:
         if (phase, label) not in specs:
             specs[phase, label] = spec_for(phase, label) if spec_for is not None else None
         return specs[phase, label]
@@ -109,17 +109,9 @@ def next_state_distribution(
             log_digit = torch.stack(columns, dim=1)  # [n, base**j, base]
             log_prefix = (log_prefix[:, :, None] + log_digit).flatten(1)
     strings = log_prefix.exp()  # [n, base**d], by value
-    state_values = _state_values(fsm)
-    states = strings[:, state_values]
+    states = strings[:, : fsm.n_states]  # state s is written as the number s (state_to_tokens)
     no_state = (1.0 - states.sum(dim=-1, keepdim=True)).clamp(min=0.0)
     return torch.cat([states, no_state], dim=-1)
-
-
-def _state_values(fsm: FSM) -> Tensor:
-    """Each state's digits read as one base-`base` number (most significant digit first)."""
-    digits = fsm.trajectory_to_tokens(torch.arange(fsm.n_states)[:, None], add_bos=False)
-    weights = fsm.base ** torch.arange(fsm.digits_per_state - 1, -1, -1)
-    return (digits * weights).sum(dim=-1)
 
 
 def intervention_divergence(

@@ -365,8 +365,8 @@ def _loss_with_initial_codebooks(
 ) -> float:
     """Held-out loss of phase 2's starting model (`starting_model`: the base model, or a fresh
     one on the scratch route) with its codebooks just initialised, before any training: on
-    the fine-tuning route, how much inserting them costs. The trainer initialises them exactly as in the
-    fine-tuning phase (same config, data and seed) and takes one step at learning rate 0."""
+    the fine-tuning route, how much inserting them costs. The trainer initialises them exactly
+    as in phase 2 (same config, data and seed) and takes one step at learning rate 0."""
     model = starting_model(config, base, fsm)
     batches = TokFSMDataset(fsm, seq_len=config.seq_len, seed=config.seed + 1).batches(
         config.codebook_batch_size
