@@ -6,6 +6,7 @@ and saves each rank's parameters. `ddp_worker.py cli AUDIT_DIR OUT -- TRAIN_ARGS
 (Python audit events: opens for writing, renames, mkdirs, removals) in AUDIT_DIR/rank{R}.json.
 """
 
+import atexit
 import json
 import os
 import sys
@@ -23,8 +24,21 @@ from tl_codebook.training.distributed import DistInfo, init_distributed
 warnings.simplefilter("ignore", DeprecationWarning)
 
 
+def record_group_state_at_exit(out_dir: str) -> None:
+    """Registered before `init_distributed`, so (atexit runs last-in first-out) it runs after any
+    exit handler that function registers: it records whether the process group still exists."""
+
+    def record() -> None:
+        rank, world = os.environ.get("RANK", "0"), os.environ.get("WORLD_SIZE", "1")
+        alive = torch.distributed.is_initialized()
+        (Path(out_dir) / f"rank{rank}-of-{world}-exit.json").write_text(json.dumps({"group_alive": alive}))
+
+    atexit.register(record)
+
+
 def main(out_dir: str, dead_code_every: int) -> None:
     torch.set_num_threads(1)
+    record_group_state_at_exit(out_dir)
     info: DistInfo = init_distributed(torch.device("cpu"))
     cfg = HookedTransformerConfig(
         n_layers=2,

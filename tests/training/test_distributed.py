@@ -55,6 +55,12 @@ def test_two_gloo_ranks_match_one_process_on_the_concatenated_batch(tmp_path):
             # normalises the ~1e-9 rounding noise into lr-sized steps that differ between runs.
             continue
         assert torch.allclose(rank0[name], value, atol=1e-5, rtol=1e-4), name
+    # Each rank's group was destroyed before interpreter teardown (gloo threads left to teardown
+    # can abort a finished rank with SIGABRT).
+    for rank in (0, 1):
+        assert json.loads((tmp_path / f"rank{rank}-of-2-exit.json").read_text()) == {
+            "group_alive": False
+        }
 
 
 @pytest.mark.slow

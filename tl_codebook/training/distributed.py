@@ -7,6 +7,7 @@ code path. The backend is gloo on CPU and nccl on CUDA.
 
 from __future__ import annotations
 
+import atexit
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -67,7 +68,8 @@ def init_distributed(device: torch.device) -> DistInfo:
     """Join the process group described by torchrun's environment variables (if any).
 
     On CUDA the model must sit on `cuda:{LOCAL_RANK}` (see `device_for_rank`); that device
-    becomes the current one, so NCCL and `torch.cuda` calls use it, not cuda:0.
+    becomes the current one, so NCCL and `torch.cuda` calls use it, not cuda:0. A group this
+    function starts is destroyed at interpreter exit (`_destroy_group_at_exit`).
     """
     if dist.is_available() and dist.is_initialized():
         return DistInfo(dist.get_rank(), dist.get_world_size(), _local_rank())
@@ -85,7 +87,20 @@ def init_distributed(device: torch.device) -> DistInfo:
         torch.cuda.set_device(local_rank)
     backend = "nccl" if device.type == "cuda" else "gloo"
     dist.init_process_group(backend=backend)
+    atexit.register(_destroy_group_at_exit)
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank)
+
+
+def _destroy_group_at_exit() -> None:
+    """Destroy the process group while the interpreter is still whole.
+
+    Left to interpreter teardown, gloo's worker threads can still hold tensors whose release
+    needs the GIL, and the process dies with SIGABRT ("terminate called without an active
+    exception") after training has finished: a rank that did all its work exits non-zero and
+    torchrun reports the run failed (seen once in CI, on the 2-rank test).
+    """
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def ddp_device_kwargs(device: torch.device) -> dict[str, Any]:
