@@ -386,7 +386,9 @@ def _write_codebook(
     n_tokens = max(int(cache.n_tokens), 1)
     label_scores = None
     if label_inputs is not None and label_inputs[1]:
-        label_scores = _label_scores(cache, hook, label_inputs[0], len(label_inputs[1]), num_codes)
+        scores = _label_scores(cache, hook, label_inputs[0], len(label_inputs[1]), num_codes)
+        # F1 of every (group, code, label) once per codebook, not once per detailed code.
+        label_scores = (scores, scores.f1())
     groups = []
     for group in range(n_groups):
         order = np.argsort(-counts[group], kind="stable")
@@ -439,8 +441,10 @@ def _code_details(
     block_vocab: dict[int, str],
     model: HookedTransformer | None,
     codebooks: dict[str, Any],
-    label_scores: ConceptScores | None,
+    label_scores: tuple[ConceptScores, torch.Tensor] | None,
 ) -> dict[str, Any]:
+    """One live code's detail: top contexts, co-firing codes, logit effects and similar codes
+    (with a model), and its best labels (`label_scores`: the codebook's scores and their F1)."""
     contexts = cache.top_contexts(hook, code, group=group, n=N_CONTEXTS, window=WINDOW)
     details: dict[str, Any] = {"ctx": [_context_row(c, block_vocab, vocab) for c in contexts]}
     cofiring = _rows(
@@ -465,16 +469,17 @@ def _code_details(
         )
         details["sim"] = [[int(row[0]), float(row[1])] for row in similar]
     if label_scores is not None:
-        f1 = label_scores.f1()[group, code]
+        scores, codebook_f1 = label_scores
+        f1 = codebook_f1[group, code]
         best = f1.argsort(descending=True)[:N_TOP].tolist()
         details["pr"] = [
             [
                 label,
-                float(label_scores.precision[group, code, label]),
-                float(label_scores.recall[group, code, label]),
+                float(scores.precision[group, code, label]),
+                float(scores.recall[group, code, label]),
                 float(f1[label]),
             ]
             for label in best
-            if label_scores.joint_counts[group, code, label] > 0
+            if scores.joint_counts[group, code, label] > 0
         ]
     return details
