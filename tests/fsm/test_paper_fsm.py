@@ -24,9 +24,9 @@ SHORTENED = {
     "checkpoint_every": 0,
     "threads": 1,
 }
-"""The preset cut to a shortened run: every phase, the paper's machine, sites and 1024 codes,
-few steps; codes start as activations (k-means over 20 x 1024 codes is most of a short run's
-time); one thread (the suite runs two workers on two cores)."""
+"""The preset cut to a shortened run: every phase, the paper's machine and sites and the preset's
+codes, few steps; codes start as activations (k-means over 20 codebooks of 1536 codes is most of a
+short run's time); one thread (the suite runs two workers on two cores)."""
 
 
 def assert_papers_machine_and_sites(config: dict) -> None:

@@ -31,7 +31,9 @@ def record_group_state_at_exit(out_dir: str) -> None:
     def record() -> None:
         rank, world = os.environ.get("RANK", "0"), os.environ.get("WORLD_SIZE", "1")
         alive = torch.distributed.is_initialized()
-        (Path(out_dir) / f"rank{rank}-of-{world}-exit.json").write_text(json.dumps({"group_alive": alive}))
+        (Path(out_dir) / f"rank{rank}-of-{world}-exit.json").write_text(
+            json.dumps({"group_alive": alive})
+        )
 
     atexit.register(record)
 
