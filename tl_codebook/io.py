@@ -353,6 +353,10 @@ def load_model(
     """A HookedCodebookTransformer the TransformerLens way, from one string.
 
     - a `.json` file: a `HookedTransformerConfig` as JSON (a fresh, randomly initialised model);
+    - a `.gguf` file, a local Hugging Face folder of a Llama-family model (with no
+      `architecture` given), or a named shortcut such as "smollm2-135m"
+      (`tl_codebook.llama.LLAMA_SHORTCUTS`): converted by `tl_codebook.llama.load_llama`, no
+      hub needed;
     - a local directory of a Hugging Face model: loaded with transformers, converted by
       TransformerLens as `architecture` (a TransformerLens model name, e.g. "gpt2");
     - anything else: a name for `HookedTransformer.from_pretrained` (downloads from the hub).
@@ -366,14 +370,16 @@ def load_model(
         device: where the model goes (TransformerLens' default when None).
         architecture: for a local directory, the TransformerLens name of its architecture.
         trust_remote_code: allow the model's own Python code to run.
-        **from_pretrained_kwargs: passed on to `HookedTransformer.from_pretrained`.
+        **from_pretrained_kwargs: passed on to `HookedTransformer.from_pretrained` (for a
+            Llama-family file or shortcut: to `load_llama`, e.g. `n_ctx`, `dtype`).
 
     Raises:
         TypeError: if `trust_remote_code` is not a bool.
         CodebookFileError: for a `.json` file that is missing or not a JSON object.
         ValueError: for a `.json` config that asks for `trust_remote_code` without the flag, or
             has an unknown key or a wrongly typed value; for a local directory without
-            `architecture`, or whose files transformers cannot load.
+            `architecture` that is not a Llama folder, or whose files transformers cannot load;
+            for a shortcut whose wheel is not installed (the pip command is named).
     """
     from transformer_lens import HookedTransformerConfig
 
@@ -381,7 +387,15 @@ def load_model(
 
     if not isinstance(trust_remote_code, bool):
         raise TypeError(f"trust_remote_code must be True or False, got {trust_remote_code!r}.")
+    from tl_codebook.llama import LLAMA_SHORTCUTS, is_llama_folder, load_llama
+
     path = Path(model)
+    if (
+        model in LLAMA_SHORTCUTS
+        or path.suffix == ".gguf"
+        or (architecture is None and path.is_dir() and is_llama_folder(path))
+    ):
+        return load_llama(model, device=device, **from_pretrained_kwargs)
     if path.suffix == ".json":
         data = _read_json(path)
         asked = data.get("trust_remote_code", False)
