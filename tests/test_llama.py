@@ -125,3 +125,31 @@ def test_unknown_shortcut_and_non_llama_paths_are_refused(tmp_path):
     with pytest.raises(ValueError, match="architecture"):
         load_model(str(tmp_path))  # a non-Llama folder still needs its TL architecture name
     assert set(LLAMA_SHORTCUTS) == {"smollm2-135m"}
+
+
+def test_a_local_llama_folder_loads_without_an_architecture_name(tmp_path):
+    """Any Llama-family checkpoint, not only SmolLM2: a small random one saved by transformers
+    (grouped-query attention, untied embeddings, its own rotary base) loads from its folder."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=97,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        rope_theta=500.0,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(0)
+    hf = LlamaForCausalLM(config).eval()
+    hf.save_pretrained(tmp_path)
+    model = load_model(str(tmp_path), device="cpu")
+    assert (model.cfg.n_key_value_heads, model.cfg.rotary_base, model.cfg.n_ctx) == (2, 500.0, 64)
+    assert model.tokenizer is None  # the folder holds weights only
+    tokens = torch.randint(0, 97, (2, 20), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ours, theirs = model(tokens).log_softmax(-1), hf(tokens).logits.log_softmax(-1)
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=0)

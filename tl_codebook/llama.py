@@ -47,6 +47,10 @@ LLAMA_SHORTCUTS = {
 `pip install --no-deps` (its own dependencies are a CLI and a C++ build this package never uses)."""
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+"""Files whose presence says a Hugging Face folder has a tokenizer."""
+
+
 def shortcut_gguf(name: str) -> Path:
     """The GGUF file of a named shortcut, found inside its installed wheel.
 
@@ -214,6 +218,9 @@ def load_llama(
 ):  # noqa: ANN201 - returns HookedCodebookTransformer
     """A Llama-family model from a `.gguf` file, a Hugging Face folder or a named shortcut.
 
+    A GGUF file carries its tokenizer; a folder's tokenizer is loaded when it has one
+    (`TOKENIZER_FILES`), else the model has none (pass token ids, as TransformerLens allows).
+
     Raises:
         ValueError: for an unknown shortcut or a missing wheel (`shortcut_gguf`), a path that
             is neither a `.gguf` file nor a Llama folder, or files transformers cannot read.
@@ -234,7 +241,9 @@ def load_llama(
             f"architectures [{LLAMA_ARCHITECTURE!r}]) nor a shortcut ({', '.join(LLAMA_SHORTCUTS)})."
         )
     try:
-        tokenizer = AutoTokenizer.from_pretrained(folder, **extra)
+        tokenizer = None  # a folder of weights alone gives a model without a tokenizer, as in TL
+        if extra or any((folder / name).is_file() for name in TOKENIZER_FILES):
+            tokenizer = AutoTokenizer.from_pretrained(folder, **extra)
         hf_model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **extra)
     except (OSError, ValueError, ImportError) as err:
         raise ValueError(f"transformers cannot load the model at {path}: {err}") from None
