@@ -153,3 +153,23 @@ def test_a_local_llama_folder_loads_without_an_architecture_name(tmp_path):
     with torch.no_grad():
         ours, theirs = model(tokens).log_softmax(-1), hf(tokens).logits.log_softmax(-1)
     torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=0)
+
+
+def test_a_gguf_of_another_architecture_is_refused_naming_both(tmp_path):
+    import gguf
+    import numpy as np
+
+    path = tmp_path / "tiny-qwen2.gguf"
+    writer = gguf.GGUFWriter(str(path), "qwen2")
+    writer.add_tensor("token_embd.weight", np.zeros((4, 8), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(
+        ValueError, match=r"'qwen2' model; this loader reads the GGUF architectures llama"
+    ):
+        load_model(str(path))
+    (tmp_path / "junk.gguf").write_bytes(b"not a gguf file at all")
+    with pytest.raises(ValueError, match="not a readable GGUF file"):
+        load_model(str(tmp_path / "junk.gguf"))

@@ -24,6 +24,8 @@ from tl_codebook.files import package_data_dir
 
 __all__ = [
     "DEFAULT_N_CTX",
+    "GGUF_ARCHITECTURES",
+    "gguf_architecture",
     "LLAMA_SHORTCUTS",
     "hooked_llama",
     "is_llama_folder",
@@ -49,6 +51,29 @@ LLAMA_SHORTCUTS = {
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 """Files whose presence says a Hugging Face folder has a tokenizer."""
+
+
+GGUF_ARCHITECTURES = ("llama",)
+"""`general.architecture` values of the GGUF files this loader converts."""
+
+
+def gguf_architecture(path: Path) -> str:
+    """The `general.architecture` a GGUF file declares (read from its header; about 2 s for
+    SmolLM2, as the reader indexes every tensor), so an unsupported file is refused before its
+    weights are de-quantized.
+
+    Raises:
+        ValueError: for a file that is not GGUF or declares no architecture.
+    """
+    import gguf
+
+    try:
+        field = gguf.GGUFReader(str(path)).fields.get("general.architecture")
+    except (ValueError, OSError) as err:
+        raise ValueError(f"{path} is not a readable GGUF file: {err}") from None
+    if field is None or not field.data:
+        raise ValueError(f"{path} declares no general.architecture.")
+    return bytes(field.parts[field.data[0]]).decode("utf-8")
 
 
 def shortcut_gguf(name: str) -> Path:
@@ -232,6 +257,13 @@ def load_llama(
     if path.suffix == ".gguf":
         if not path.is_file():
             raise ValueError(f"no GGUF file at {path}.")
+        architecture = gguf_architecture(path)
+        if architecture not in GGUF_ARCHITECTURES:
+            raise ValueError(
+                f"{path} holds a {architecture!r} model; this loader reads the GGUF "
+                f"architectures {', '.join(GGUF_ARCHITECTURES)} (for others, use a "
+                "TransformerLens model name or a folder with --architecture)."
+            )
         folder, extra = path.parent, {"gguf_file": path.name}
     elif path.is_dir() and is_llama_folder(path):
         folder, extra = path, {}
