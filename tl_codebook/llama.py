@@ -14,7 +14,6 @@ requested float dtype: the model computes in that dtype, not in the file's 4-bit
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -102,14 +101,13 @@ def shortcut_gguf(name: str) -> Path:
 
 def is_llama_folder(path: Path) -> bool:
     """True if `path` is a Hugging Face model folder whose config.json names a Llama model."""
-    config = path / "config.json"
-    if not config.is_file():
-        return False
+    from tl_codebook.io import _read_json
+
     try:
-        data = json.loads(config.read_text())
-    except (OSError, ValueError):
+        data = _read_json(path / "config.json")
+    except (OSError, ValueError):  # missing, unreadable, not JSON or not an object: not Llama's
         return False
-    return isinstance(data, dict) and (
+    return (
         LLAMA_ARCHITECTURE in (data.get("architectures") or []) or data.get("model_type") == "llama"
     )
 
@@ -279,11 +277,6 @@ def load_llama(
         hf_model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **extra)
     except (OSError, ValueError, ImportError) as err:
         raise ValueError(f"transformers cannot load the model at {path}: {err}") from None
-    if getattr(hf_model.config, "model_type", None) != "llama":
-        raise ValueError(
-            f"{path} holds a {hf_model.config.model_type!r} model; this loader reads Llama-family "
-            "models (for others use a TransformerLens model name)."
-        )
-    return hooked_llama(
+    return hooked_llama(  # llama_config refuses a config that is not Llama's
         hf_model, tokenizer, device=device, dtype=dtype, n_ctx=n_ctx, **process_kwargs
     )
