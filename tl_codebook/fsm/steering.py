@@ -25,11 +25,10 @@ from tl_codebook.fsm.dataset import determined_states
 from tl_codebook.fsm.divergence import intervention_divergence
 from tl_codebook.fsm.machine import FSM
 from tl_codebook.fsm.task import TokFSMTask
+from tl_codebook.hooks.interventions import SteeringSpec, random_codes_like
 from tl_codebook.hooks.model import HookedCodebookTransformer
 from tl_codebook.tasks import sample_sequences
 
-SteeringSpec = dict[str, dict[int, list[int]]]
-"""For `force_codes`: codebook site -> {group: [code ids]}."""
 SpecFor = Callable[[int, int], SteeringSpec | None]
 """(phase, context label) -> the codes to force at that phase's position (None: nothing)."""
 
@@ -288,20 +287,6 @@ def steering_codes(
         _, site, group, code = best
         spec = {site: {group: [code]}}
     return spec
-
-
-def random_codes_like(
-    spec: SteeringSpec, model: HookedCodebookTransformer, generator: torch.Generator
-) -> SteeringSpec:
-    """The same (site, group) slots as `spec`, each with uniformly random other codes."""
-    out: SteeringSpec = {}
-    for site, groups in spec.items():
-        num_codes = model.codebooks[site].cfg.num_codes
-        out[site] = {}
-        for group, codes in groups.items():
-            drawn = torch.randperm(num_codes, generator=generator).tolist()
-            out[site][group] = [c for c in drawn if c not in codes][: len(codes)]
-    return out
 
 
 def _digits_value(digits: list[int], base: int) -> int | None:

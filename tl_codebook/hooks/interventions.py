@@ -99,6 +99,30 @@ def _resolve(model: torch.nn.Module, codes: Mapping[str, Any]) -> dict[str, Code
     return {name: present[name] for name in codes}
 
 
+SteeringSpec = dict[str, dict[int, list[int]]]
+"""What `force_codes` takes, in its explicit form: codebook site -> {group: [code ids]}."""
+
+
+def random_codes_like(
+    spec: SteeringSpec, model: torch.nn.Module, generator: torch.Generator
+) -> SteeringSpec:
+    """The same (site, group) slots as `spec`, each with as many uniformly random other codes:
+    the control that tells whether *which* code is forced matters, or only that one is.
+
+    Raises:
+        UnknownHookError: for a site of `spec` with no codebook on `model`.
+    """
+    codebooks = _resolve(model, spec)
+    out: SteeringSpec = {}
+    for site, groups in spec.items():
+        num_codes = codebooks[site].cfg.num_codes
+        out[site] = {}
+        for group, codes in groups.items():
+            drawn = torch.randperm(num_codes, generator=generator).tolist()
+            out[site][group] = [c for c in drawn if c not in codes][: len(codes)]
+    return out
+
+
 def insert_codes(ids: Int[Tensor, "... k"], forced: Int[Tensor, " f"]) -> Int[Tensor, "... k"]:
     """Make `forced` codes active: they take the first slots, and the natural codes keep their
     rank order in the remaining slots, so the lowest-ranked natural codes are the ones dropped.
