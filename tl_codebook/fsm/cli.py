@@ -42,9 +42,24 @@ def add_demo_command(parser: argparse.ArgumentParser) -> None:
         help="the paper's setting: N=100, E=10, 4 layers, d_model 128, 1000 codes, batch 512, "
         "20k steps (for a GPU); same as --preset paper",
     )
+    from tl_codebook.text.config import LM_PRESETS
+
+    parser.add_argument(
+        "--task",
+        choices=("tokfsm", "lm"),
+        default="tokfsm",
+        help="tokfsm (default): the paper's TokFSM experiment; lm: its language-model half on "
+        "SmolLM2-135M and BBC News (presets cpu, toy, paper)",
+    )
+    parser.add_argument(
+        "--scale",
+        choices=sorted(LM_PRESETS),
+        default=None,
+        help="--task lm: the same as --preset (cpu: under 30 minutes on 2 cores; paper: for a GPU)",
+    )
     parser.add_argument(
         "--preset",
-        choices=sorted(PRESETS),
+        choices=sorted(set(PRESETS) | set(LM_PRESETS)),
         default=None,
         help="starting configuration: cpu (default, a few minutes on 2 cores), paper-fsm (the "
         "paper's N=100/E=10 machine and codebook sites, under 30 minutes on 2 cores), paper "
@@ -156,6 +171,12 @@ def config_from_args(args: argparse.Namespace) -> ExperimentConfig:
 def run_demo(args: argparse.Namespace) -> int:
     from tl_codebook.fsm.experiment import run_experiment
 
+    if args.task == "lm":
+        from tl_codebook.text.cli import run_lm_demo
+
+        return run_lm_demo(args)
+    if args.scale is not None:
+        raise ValueError("--scale is for --task lm; TokFSM takes --preset.")
     config = config_from_args(args)
     out = args.out or Path("runs") / time.strftime("tokfsm-%Y%m%d-%H%M%S")
     metrics = run_experiment(config, out, resume=args.resume, overwrite=args.overwrite)
