@@ -165,3 +165,19 @@ def test_top_codes_details_only_the_most_frequent_codes(built, tmp_path):
     detailed = sorted(int(c) for c, e in block["codes"].items() if "ctx" in e)
     assert detailed == sorted(counts.argsort(descending=True, stable=True)[:2].tolist())
     assert all(block["codes"][str(t)]["n"] == int(counts[t]) for t in range(11))
+
+
+def test_detail_adds_named_codes_to_the_most_frequent(built, tmp_path):
+    _, cache, tokens = built
+    counts = torch.bincount(tokens.flatten(), minlength=11)
+    frequent = counts.argsort(descending=True, stable=True).tolist()
+    rare, never = frequent[-2], 20  # a live code outside the top 2, and one that never fired
+    assert counts[rare] > 0
+    hook = cache.manifest["hooks"][0]
+    index = write_dashboard(
+        cache, tmp_path / "site", top_codes=2, detail={hook["name"]: [(0, rare), (0, never)]}
+    )
+    _, block = read_data(index.parent / "data" / "codes" / hook["file_id"] / "g0" / "b0000.js")
+    detailed = sorted(int(c) for c, e in block["codes"].items() if "ctx" in e)
+    assert detailed == sorted([*frequent[:2], rare])
+    assert block["codes"][str(never)] == {"n": 0}

@@ -227,6 +227,7 @@ def write_dashboard(
     labels: Int[torch.Tensor, "..."] | tuple[Int[torch.Tensor, "..."], Sequence[str]] | None = None,
     steering: Mapping[str, Any] | Sequence[Mapping[str, Any]] | None = None,
     top_codes: int | None = None,
+    detail: Mapping[str, Sequence[tuple[int, int]]] | None = None,
 ) -> Path:
     """Write the code browser for `cache` into `out_dir` (replaced whole); returns its index.html.
 
@@ -246,6 +247,9 @@ def write_dashboard(
         top_codes: detail (contexts, co-firing, effects) only for the `top_codes` most frequent
             codes of each codebook group, to keep a very large site quick to write; None details
             every live code. Every code still gets its count and density.
+        detail: `{hook: [(group, code), ...]}`, codes to detail as well as the `top_codes`
+            most frequent (the codes an experiment reports, so each one the report names can be
+            opened in the browser); a code that never fired has nothing to detail.
 
     Returns:
         The path of the site's `index.html`.
@@ -277,7 +281,7 @@ def write_dashboard(
             index_hooks.append(
                 _write_codebook(
                     cache, site, hook, file_id, hooks, vocab, model, codebooks, label_inputs,
-                    top_codes,
+                    top_codes, (detail or {}).get(hook, ()),
                 )
             )  # fmt: skip
         token_codes = _token_codes(cache, hooks)
@@ -379,6 +383,7 @@ def _write_codebook(
     codebooks: dict[str, Any],
     label_inputs: tuple[np.ndarray, list[str]] | None,
     top_codes: int | None,
+    extra: Sequence[tuple[int, int]] = (),
 ) -> dict[str, Any]:
     """Write every block file of one codebook; returns its entry in the index."""
     n_groups, k, num_codes = cache.shape_of(hook)
@@ -394,6 +399,7 @@ def _write_codebook(
         order = np.argsort(-counts[group], kind="stable")
         live = order[counts[group][order] > 0]
         detailed = set((live if top_codes is None else live[:top_codes]).tolist())
+        detailed |= {int(c) for g, c in extra if int(g) == group and counts[group, int(c)] > 0}
         for block in range((num_codes + BLOCK_SIZE - 1) // BLOCK_SIZE):
             block_vocab: dict[int, str] = {}
             entries = {}
