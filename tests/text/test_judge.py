@@ -17,7 +17,7 @@ from tl_codebook.text.judge import (
     check_topic,
     distinct_bigram_ratio,
     has_topic_word,
-    judge,
+    judge_generations,
     success_rate,
     summarize,
     tokens,
@@ -121,7 +121,7 @@ def test_fit_checks_its_inputs():
 
 
 def test_fluent_on_topic_text_is_steered(classifier):
-    (verdict,) = judge([SPORTS], ["sports"], [1.0], 1.0, classifier)
+    (verdict,) = judge_generations([SPORTS], ["sports"], [1.0], 1.0, classifier)
     assert verdict.on_topic and verdict.predicted == "sports"
     assert verdict.fluent and verdict.steered
     assert verdict.loss_ratio == 1.0
@@ -129,31 +129,33 @@ def test_fluent_on_topic_text_is_steered(classifier):
 
 
 def test_high_loss_is_not_fluent(classifier):
-    (verdict,) = judge([SPORTS], ["sports"], [2.0], 1.0, classifier)
+    (verdict,) = judge_generations([SPORTS], ["sports"], [2.0], 1.0, classifier)
     assert verdict.on_topic
     assert verdict.loss_ratio == 2.0
     assert not verdict.fluent and not verdict.steered
 
 
 def test_loss_ratio_boundary_is_inclusive(classifier):
-    (at,) = judge([SPORTS], ["sports"], [3.0], 2.0, classifier)
-    (above,) = judge([SPORTS], ["sports"], [3.02], 2.0, classifier)
+    (at,) = judge_generations([SPORTS], ["sports"], [3.0], 2.0, classifier)
+    (above,) = judge_generations([SPORTS], ["sports"], [3.02], 2.0, classifier)
     assert at.fluent and not above.fluent
 
 
 def test_nan_loss_is_not_fluent(classifier):
-    (verdict,) = judge([SPORTS], ["sports"], [math.nan], 1.0, classifier)
+    (verdict,) = judge_generations([SPORTS], ["sports"], [math.nan], 1.0, classifier)
     assert not verdict.fluent and not verdict.steered
 
 
 def test_repetition_is_never_steered(classifier):
-    (verdict,) = judge(["Sony Sony Sony Sony Sony Sony"], ["tech"], [1.0], 1.0, classifier)
+    (verdict,) = judge_generations(
+        ["Sony Sony Sony Sony Sony Sony"], ["tech"], [1.0], 1.0, classifier
+    )
     assert verdict.bigram_ratio == pytest.approx(0.2)
     assert not verdict.fluent and not verdict.steered
 
 
 def test_wrong_topic_is_not_steered(classifier):
-    (verdict,) = judge([EXAMPLES["business"]], ["sports"], [1.0], 1.0, classifier)
+    (verdict,) = judge_generations([EXAMPLES["business"]], ["sports"], [1.0], 1.0, classifier)
     assert verdict.predicted == "business"
     assert verdict.fluent and not verdict.on_topic and not verdict.steered
 
@@ -168,7 +170,9 @@ def test_topic_word():
 
 def test_verdict_records_topic_word(classifier):
     text = "The sport was great"
-    sports, politics = judge([text, text], ["sports", "politics"], [1.0, 1.0], 1.0, classifier)
+    sports, politics = judge_generations(
+        [text, text], ["sports", "politics"], [1.0, 1.0], 1.0, classifier
+    )
     assert sports.topic_word and not politics.topic_word
 
 
@@ -192,7 +196,7 @@ def test_unknown_topic_lists_all_topics(classifier):
     for call in (
         lambda: check_topic("sport"),
         lambda: classifier.check_topic("sport"),
-        lambda: judge([SPORTS], ["sport"], [1.0], 1.0, classifier),
+        lambda: judge_generations([SPORTS], ["sport"], [1.0], 1.0, classifier),
         lambda: has_topic_word(SPORTS, "weather"),
     ):
         with pytest.raises(ValueError) as error:
@@ -204,9 +208,9 @@ def test_unknown_topic_lists_all_topics(classifier):
 
 def test_mismatched_lengths(classifier):
     with pytest.raises(ValueError, match="2, 1 and 1"):
-        judge([SPORTS, SPORTS], ["sports"], [1.0], 1.0, classifier)
+        judge_generations([SPORTS, SPORTS], ["sports"], [1.0], 1.0, classifier)
     with pytest.raises(ValueError, match="1, 1 and 2"):
-        judge([SPORTS], ["sports"], [1.0, 1.0], 1.0, classifier)
+        judge_generations([SPORTS], ["sports"], [1.0, 1.0], 1.0, classifier)
     with pytest.raises(ValueError, match="2 texts but 1 labels"):
         classifier.accuracy([SPORTS, SPORTS], ["sports"])
 
@@ -214,11 +218,11 @@ def test_mismatched_lengths(classifier):
 @pytest.mark.parametrize("reference", [0.0, -1.0, math.nan, math.inf])
 def test_bad_reference_loss(classifier, reference):
     with pytest.raises(ValueError, match="reference_loss"):
-        judge([SPORTS], ["sports"], [1.0], reference, classifier)
+        judge_generations([SPORTS], ["sports"], [1.0], reference, classifier)
 
 
 def test_empty_judge_is_empty(classifier):
-    assert judge([], [], [], 1.0, classifier) == []
+    assert judge_generations([], [], [], 1.0, classifier) == []
 
 
 # -- rates ----------------------------------------------------------------------------------

@@ -75,11 +75,18 @@ class LMExperimentConfig:
     eval_rows: int = 32
     """Held-out packed rows (of `seq_len` tokens) the LM losses are measured on."""
     cache_docs: int = 221
-    """Held-out articles whose first `seq_len` tokens go into the code cache (all 221 by default)."""
+    """Held-out articles in the code cache (taking the topics in turn; at most the 221 held out)."""
+    cache_seq_len: int = 256
+    """Tokens of each cached article (BOS + the first 255); shorter articles are left out. Long
+    enough that the word concepts get counts to score (about 100 month names in the default)."""
     min_topic_recall: float = 0.05
     """A topic code must fire on at least this fraction of its topic's cached tokens."""
+    min_topic_precision: float = 0.5
+    """...and at least this fraction of its firings must be on the topic's tokens."""
     steer_slots: int = 8
-    """How many (site, head) slots get a topic's best code forced on when steering."""
+    """How many (site, head) slots get a topic's codes forced on when steering."""
+    codes_per_slot: int = 2
+    """How many of a slot's k codes a topic's codes take when steering (<= k)."""
     topics: list[str] = field(default_factory=list)
     """Topics to steer towards (names of the corpus's labels); empty: all of them."""
     prompts: list[str] = field(default_factory=lambda: list(NEUTRAL_PROMPTS))
@@ -115,7 +122,9 @@ class LMExperimentConfig:
             "kmeans_iters",
             "eval_rows",
             "cache_docs",
+            "cache_seq_len",
             "steer_slots",
+            "codes_per_slot",
             "prompts_per_topic",
             "new_tokens",
             "top_k",
@@ -133,10 +142,11 @@ class LMExperimentConfig:
                 raise ValueError(
                     f"LMExperimentConfig.{name} must be an integer >= 0, got {value!r}."
                 )
-        if not 0.0 <= self.min_topic_recall <= 1.0:
-            raise ValueError(
-                f"LMExperimentConfig.min_topic_recall must be in [0, 1], got {self.min_topic_recall!r}."
-            )
+        for name in ("min_topic_recall", "min_topic_precision"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(
+                    f"LMExperimentConfig.{name} must be in [0, 1], got {getattr(self, name)!r}."
+                )
         for name in ("lr", "model_lr_factor", "kl_coef", "temperature", "sae_lr"):
             if getattr(self, name) < 0:
                 raise ValueError(
@@ -149,6 +159,11 @@ class LMExperimentConfig:
         if not self.prompts or not all(isinstance(p, str) and p.strip() for p in self.prompts):
             raise ValueError(
                 f"LMExperimentConfig.prompts must be a non-empty list of non-empty strings, got {self.prompts!r}."
+            )
+        if self.codes_per_slot > self.k:
+            raise ValueError(
+                f"LMExperimentConfig.codes_per_slot={self.codes_per_slot} exceeds k={self.k}: "
+                "at most k codes can be active in a slot."
             )
         if self.k > self.num_codes:
             raise ValueError(f"LMExperimentConfig.k={self.k} exceeds num_codes={self.num_codes}.")
@@ -167,6 +182,7 @@ class LMExperimentConfig:
             kmeans_iters=3,
             eval_rows=4,
             cache_docs=15,
+            cache_seq_len=64,
             steer_slots=2,
             prompts_per_topic=2,
             new_tokens=8,

@@ -39,6 +39,7 @@ from tqdm.auto import tqdm
 from tl_codebook.files import locked_run_dir
 from tl_codebook.fsm.metrics_file import METRICS_FILE, read_metrics, write_metrics
 from tl_codebook.text.config import LM_RUN_ONLY_FIELDS, LMExperimentConfig
+from tl_codebook.training.run_dir import CHECKPOINT_DIR
 
 CODEBOOKS_DIR = "codebooks"
 TRAINING_DIR = "training"
@@ -68,6 +69,13 @@ CONTRACT_KEYS = (
     "seconds",
 )
 """The top-level numbers of metrics.json that the issue fixes (a phase not run leaves null)."""
+
+BROWSER_TOP_CODES = 8
+"""The code browser details each head's 8 most frequent codes and every concept and steering
+code (a detailed code costs about 0.2 s on 2 cores here: all of them would take hours)."""
+
+PRECISE = 0.9
+"""A concept code is "precise" at precision >= 0.9 (the issue's target for the month code)."""
 
 HISTORY_KEYS = ("step", "loss", "kl", "lm_loss", "dead_fraction")
 """What metrics.json keeps of each training log record (the full log is training/metrics.jsonl)."""
@@ -226,6 +234,8 @@ def _run_phases(
         metrics["training"] = _train(config, model, tokenizer, out)
         model.save_codebooks(out / CODEBOOKS_DIR)
         metrics["training"]["done"] = True
+        # the codebooks are saved: the resumable checkpoints (hundreds of MB) have done their job
+        shutil.rmtree(out / TRAINING_DIR / CHECKPOINT_DIR, ignore_errors=True)
         metrics["phases"]["train"] = time.perf_counter() - phase
         save()
         log(f"2/7 codebooks: {len(model.codebooks)} trained ({metrics['phases']['train']:.0f}s)")
@@ -399,7 +409,7 @@ def _build_cache(
     from tl_codebook.analysis.cache import CodeCache
     from tl_codebook.text.labels import document_rows
 
-    rows, kept = document_rows(test["text"], tokenizer, config.seq_len, max_docs=None)
+    rows, kept = document_rows(test["text"], tokenizer, config.cache_seq_len)
     order = _spread(kept, [test["label"][i] for i in kept], config.cache_docs)
     rows = rows[order]
     topics = [test["label"][kept[i]] for i in order]
@@ -456,8 +466,15 @@ def concept_codes(cache: Any, topics: list[str], config: LMExperimentConfig) -> 
         found = cache.search(mask=mask, top=1)
         shown = regex if len(regex) < 200 else regex[:200] + "..."
         best = found[0].to_dict() if found else {"precision": None, "recall": None}
+        precise = cache.search(mask=mask, min_precision=PRECISE, top=1)
         word_concepts.append(
-            {"name": name, "regex": shown, "labelled_tokens": int(mask.sum()), **best}
+            {
+                "name": name,
+                "regex": shown,
+                "labelled_tokens": int(mask.sum()),
+                **best,
+                "precise": precise[0].to_dict() if precise else None,
+            }
         )
     topic_results = {}
     for topic in sorted(set(topics)):
@@ -465,7 +482,13 @@ def concept_codes(cache: Any, topics: list[str], config: LMExperimentConfig) -> 
         best = cache.search(mask=mask, top=1)
         try:
             chosen = choose_topic_codes(
-                cache, topic, mask, config.steer_slots, config.min_topic_recall
+                cache,
+                topic,
+                mask,
+                config.steer_slots,
+                config.min_topic_recall,
+                config.codes_per_slot,
+                config.min_topic_precision,
             )
             codes = chosen.to_dict()["codes"]
         except ValueError:
@@ -476,6 +499,7 @@ def concept_codes(cache: Any, topics: list[str], config: LMExperimentConfig) -> 
         }
     reference_topic_codes = sum(len(cache.topic_codes(hook)) for hook in cache.hooks)
     return {
+        "row_topics": list(topics),
         "word_concepts": word_concepts,
         "topics": topic_results,
         "reference_topic_codes": reference_topic_codes,
@@ -501,7 +525,7 @@ def steer_topics(
     from tl_codebook.analysis.search import CodeMatch
     from tl_codebook.hooks.interventions import random_codes_like
     from tl_codebook.hooks.model import codebooks_disabled
-    from tl_codebook.text.judge import TopicClassifier, judge, summarize
+    from tl_codebook.text.judge import TopicClassifier, judge_generations, summarize
     from tl_codebook.text.sae_baseline import clamp_hook
     from tl_codebook.text.steering import (
         TopicCodes,
@@ -582,7 +606,7 @@ def steer_topics(
                 targets.append(topic)
                 # a skipped trial (no code found) fails: an infinite loss is never fluent
                 losses.append(row["loss"])
-        verdicts = judge(texts, targets, losses, reference, classifier)
+        verdicts = judge_generations(texts, targets, losses, reference, classifier)
         flat = [row for topic in names for row in samples[condition][topic]]
         for row, verdict in zip(flat, verdicts, strict=True):
             row.update(verdict.to_dict())
@@ -687,13 +711,22 @@ def _code_browser(
         }
         for c, v in metrics["steering"]["conditions"].items()
     }
+    detail: dict[str, list[tuple[int, int]]] = {}
+    for found in metrics["concepts"]["topics"].values():
+        for m in found["steering_codes"]:
+            detail.setdefault(m["hook"], []).append((m["group"], m["code"]))
+    for concept in metrics["concepts"]["word_concepts"]:
+        for m in (concept, concept.get("precise") or {}):
+            if m.get("hook") is not None:
+                detail.setdefault(m["hook"], []).append((m["group"], m["code"]))
     index = write_dashboard(
         cache,
         out / DASHBOARD_DIR,
         model=model,
         labels=(labels, names),
         steering=steering,
-        top_codes=64,
+        top_codes=BROWSER_TOP_CODES,
+        detail=detail,
     )
     site_bytes, site_files = directory_size(out / DASHBOARD_DIR)
     cache_bytes, _ = directory_size(out / CODE_CACHE_DIR)

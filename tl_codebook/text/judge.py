@@ -39,7 +39,7 @@ __all__ = [
     "check_topic",
     "distinct_bigram_ratio",
     "has_topic_word",
-    "judge",
+    "judge_generations",
     "success_rate",
     "summarize",
     "tokens",
@@ -214,7 +214,7 @@ class Verdict:
         return asdict(self)
 
 
-def judge(
+def judge_generations(
     texts: Sequence[str],
     targets: Sequence[str],
     losses: Sequence[float],

@@ -69,6 +69,12 @@ def _plots(out: Path, metrics: dict[str, Any]) -> dict[str, str]:
     return plots
 
 
+def _code(match: dict[str, Any]) -> str:
+    if not match or match.get("hook") is None:
+        return "none"
+    return f"{html.escape(str(match['hook']))} head {match.get('group')} code {match.get('code')}"
+
+
 def _table(headers: list[str], rows: list[list[str]]) -> str:
     head = "".join(f"<th>{h}</th>" for h in headers)
     body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>" for row in rows)
@@ -119,29 +125,50 @@ def _html(metrics: dict[str, Any], plots: dict[str, str]) -> str:
         parts.append(
             "<h2>Concept codes</h2><p>The best code (by F1) for each concept over the code cache.</p>"
         )
-        rows = [
-            [
-                html.escape(c["name"]),
-                _fmt(c.get("labelled_tokens")),
-                f"{_fmt(c.get('hook'))} head {_fmt(c.get('group'))} code {_fmt(c.get('code'))}",
-                _fmt(c.get("precision")),
-                _fmt(c.get("recall")),
-            ]
-            for c in concepts.get("word_concepts", [])
-        ]
+        rows = []
+        for c in concepts.get("word_concepts", []):
+            precise = c.get("precise") or {}
+            rows.append(
+                [
+                    html.escape(c["name"]),
+                    _fmt(c.get("labelled_tokens")),
+                    _code(c),
+                    _fmt(c.get("precision")),
+                    _fmt(c.get("recall")),
+                    _code(precise) if precise else "none",
+                    _fmt(precise.get("precision")) if precise else "",
+                    _fmt(precise.get("recall")) if precise else "",
+                ]
+            )
         for topic, found in (concepts.get("topics") or {}).items():
             best = found.get("best_f1") or {}
+            chosen = found.get("steering_codes") or []
             rows.append(
                 [
                     f"topic: {html.escape(topic)}",
                     "",
-                    f"{_fmt(best.get('hook'))} head {_fmt(best.get('group'))} code {_fmt(best.get('code'))}",
+                    _code(best),
                     _fmt(best.get("precision")),
                     _fmt(best.get("recall")),
+                    f"{len(chosen)} steering codes",
+                    _fmt(chosen[0]["precision"]) if chosen else "",
+                    _fmt(chosen[0]["recall"]) if chosen else "",
                 ]
             )
         parts.append(
-            _table(["concept", "labelled tokens", "best code", "precision", "recall"], rows)
+            _table(
+                [
+                    "concept",
+                    "labelled tokens",
+                    "best code (F1)",
+                    "precision",
+                    "recall",
+                    "best code with precision &ge; 0.9 (F1)",
+                    "precision",
+                    "recall",
+                ],
+                rows,
+            )
         )
         parts.append(
             f"<p>Topic codes in the reference's sense (firing on at least 20% of one article's tokens): "
@@ -189,6 +216,16 @@ def _html(metrics: dict[str, Any], plots: dict[str, str]) -> str:
                         ]
                     )
         parts.append(_table(["condition", "target", "generation", "verdict"], rows))
+    sae = metrics.get("sae") or {}
+    if sae:
+        parts.append(
+            f"<h3>The SAE baseline</h3><p>A SAELens TopK SAE (d_sae {_fmt(sae.get('d_sae'))}, k "
+            f"{_fmt(sae.get('k'))}) trained on the base model's activations at <code>{_fmt(sae.get('hook'))}</code> "
+            f"(where most topic codes sit) over the {_fmt(sae.get('train_tokens'))} tokens the codebooks saw, "
+            f"in {_fmt(sae.get('train_seconds'))} s. Each topic's most precise features are clamped to "
+            "their mean active value at every position; only the change is added, so the SAE's "
+            "reconstruction error stays in. Its generations run on the base model (codebooks bypassed).</p>"
+        )
     analysis = metrics.get("analysis") or {}
     if analysis.get("dashboard"):
         link = html.escape(analysis["dashboard"], quote=True)

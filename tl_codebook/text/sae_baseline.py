@@ -18,6 +18,7 @@ while the model writes.
 
 from __future__ import annotations
 
+import shutil
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -71,7 +72,9 @@ def train_topk_sae(
         device=str(model.cfg.device),
         progress=progress,
     )
-    return train_method(MethodSpec(kind="topk"), store, config, save_dir=out_dir / "sae")
+    method = train_method(MethodSpec(kind="topk"), store, config, save_dir=out_dir / "sae")
+    shutil.rmtree(out_dir / "sae_store")  # the activations (hundreds of MB) are spent
+    return method
 
 
 @torch.no_grad()

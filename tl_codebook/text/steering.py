@@ -48,25 +48,38 @@ class TopicCodes:
 
 
 def choose_topic_codes(
-    cache: Any, topic: str, mask: np.ndarray, slots: int, min_recall: float
+    cache: Any,
+    topic: str,
+    mask: np.ndarray,
+    slots: int,
+    min_recall: float,
+    codes_per_slot: int = 1,
+    min_precision: float = 0.0,
 ) -> TopicCodes:
-    """The most precise code of each (site, head) slot among those firing on at least
-    `min_recall` of the topic's tokens (`mask`), the `slots` most precise slots kept.
+    """Each topic's steering codes: in each (site, head) slot the `codes_per_slot` best codes by
+    F1 among those with precision >= `min_precision` and recall >= `min_recall` on the topic's
+    tokens (`mask`), in the `slots` slots whose best code has the highest F1.
+
+    F1 over a topic's tokens favours codes that fire across its articles (the reference's topic
+    codes fire on a large share of one document) over rare topic-word codes.
 
     Raises:
-        ValueError: when no code reaches `min_recall` (lower it, or train longer).
+        ValueError: when no code passes both floors (lower them, or train longer).
     """
-    found = cache.search(mask=mask, min_recall=min_recall, top=None)
-    best: dict[tuple[str, int], CodeMatch] = {}
-    for m in sorted(found, key=lambda m: (-m.precision, -m.recall, m.hook, m.group, m.code)):
-        best.setdefault((m.hook, m.group), m)
-    chosen = sorted(best.values(), key=lambda m: (-m.precision, -m.recall))[:slots]
-    if not chosen:
+    found = cache.search(mask=mask, min_recall=min_recall, min_precision=min_precision, top=None)
+    per_slot: dict[tuple[str, int], list[CodeMatch]] = {}
+    for m in sorted(found, key=lambda m: (-m.f1, -m.precision, m.hook, m.group, m.code)):
+        chosen_here = per_slot.setdefault((m.hook, m.group), [])
+        if len(chosen_here) < codes_per_slot:
+            chosen_here.append(m)
+    best = sorted(per_slot.values(), key=lambda ms: (-ms[0].f1, -ms[0].precision))[:slots]
+    if not best:
         raise ValueError(
-            f"No code fires on at least {min_recall:.0%} of topic {topic!r}'s cached tokens; "
-            "lower min_topic_recall or cache more text."
+            f"No code fires on at least {min_recall:.0%} of topic {topic!r}'s cached tokens with "
+            f"precision >= {min_precision}; lower min_topic_recall / min_topic_precision or "
+            "cache more text."
         )
-    return TopicCodes(topic, chosen)
+    return TopicCodes(topic, [m for ms in best for m in ms])
 
 
 def check_prompt_fits(n_prompt_tokens: int, new_tokens: int, n_ctx: int, prompt: str) -> None:
@@ -84,7 +97,7 @@ def check_prompt_fits(n_prompt_tokens: int, new_tokens: int, n_ctx: int, prompt:
 
 def generate_continuations(
     model: HookedCodebookTransformer,
-    prompts: Sequence[Int[Tensor, " prompt_len"]],
+    prompts: Sequence[Tensor],
     new_tokens: int,
     temperature: float,
     top_k: int,
@@ -141,7 +154,7 @@ def forcing(
 @torch.no_grad()
 def continuation_losses(
     model: HookedCodebookTransformer,
-    prompts: Sequence[Int[Tensor, " prompt_len"]],
+    prompts: Sequence[Tensor],
     continuations: Int[Tensor, "n new_tokens"],
 ) -> Float[Tensor, " n"]:
     """The base model's (codebooks bypassed) mean next-token loss on each continuation after its
