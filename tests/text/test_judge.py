@@ -18,6 +18,7 @@ from tl_codebook.text.judge import (
     distinct_bigram_ratio,
     has_topic_word,
     judge_generations,
+    rate_difference,
     success_rate,
     summarize,
     tokens,
@@ -246,6 +247,7 @@ def test_summarize_known_answer():
         "on_topic": 0.75,
         "fluent": 0.75,
         "topic_word": 0.5,
+        "n": 4,
         "per_topic": {"sports": 0.5, "tech": 0.5},
     }
     assert summarize(verdicts[:1], ["business"])["per_topic"] == {"business": 1.0}
@@ -258,3 +260,24 @@ def test_rates_of_nothing_raise():
         summarize([], [])
     with pytest.raises(ValueError, match="1 verdicts but 2 targets"):
         summarize([_verdict(True, True, True)], ["sports", "tech"])
+
+
+def test_rate_difference_known_answers():
+    diff, se = rate_difference(0.5, 50, 0.2, 50)
+    assert diff == pytest.approx(0.3)
+    assert se == pytest.approx(math.sqrt(0.25 / 50 + 0.16 / 50))  # 0.0906: 0.3 is > 2 se
+    assert rate_difference(0.16, 50, 0.2, 50) == pytest.approx((-0.04, 0.0767), abs=1e-4)
+    assert rate_difference(1.0, 3, 0.0, 7) == (1.0, 0.0)  # certain rates have no noise
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        ((1.5, 10, 0.2, 10), "a success rate must be in"),
+        ((0.5, 0, 0.2, 10), "a trial count must be an integer >= 1, got 0"),
+        ((0.5, 10, 0.2, True), "a trial count must be an integer >= 1, got True"),
+    ],
+)
+def test_rate_difference_refuses_what_is_not_a_rate(args, message):
+    with pytest.raises(ValueError, match=message):
+        rate_difference(*args)

@@ -73,6 +73,9 @@ def test_toy_run_steering_samples_are_judged_and_shown(toy_run):
     page = (out / "index.html").read_text()
     first = steering["samples"]["codebook"]["sports"][0]["text"]
     assert "Example generations" in page and first.strip()[:20].replace("&", "&amp;") in page
+    n = steering["conditions"]["codebook"]["n"]
+    assert n == 5 * 2 and f"({n} generations a condition" in page
+    assert "codebook &minus; none: " in page and "codebook &minus; sae: " in page
     assert (out / "dashboard" / "index.html").is_file()
 
 

@@ -75,6 +75,37 @@ def _code(match: dict[str, Any]) -> str:
     return f"{html.escape(str(match['hook']))} head {match.get('group')} code {match.get('code')}"
 
 
+def _versus(conditions: dict[str, Any]) -> str:
+    """The codebook's steering rate against each other condition's, with the standard error of
+    the difference: whether it is told apart from noise, and so who wins."""
+    from tl_codebook.text.judge import rate_difference
+
+    mine = conditions.get("codebook") or {}
+    if not isinstance(mine.get("steered"), (int, float)) or not mine.get("n"):
+        return ""
+    items = []
+    for name, other in conditions.items():
+        if name == "codebook" or not isinstance(other.get("steered"), (int, float)):
+            continue
+        if not other.get("n"):
+            continue
+        diff, se = rate_difference(mine["steered"], mine["n"], other["steered"], other["n"])
+        verdict = (
+            "within two standard errors: no difference shown"
+            if abs(diff) <= 2 * se
+            else ("the codebook steers better" if diff > 0 else f"{name} steers better")
+        )
+        items.append(
+            f"<li>codebook &minus; {html.escape(name)}: {diff:+.2f} &plusmn; {se:.2f} ({verdict})</li>"
+        )
+    if not items:
+        return ""
+    return (
+        f"<p>Differences in the steered rate ({mine['n']} generations a condition; &plusmn; one "
+        "standard error):</p><ul>" + "".join(items) + "</ul>"
+    )
+
+
 def _table(headers: list[str], rows: list[list[str]]) -> str:
     head = "".join(f"<th>{h}</th>" for h in headers)
     body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>" for row in rows)
@@ -194,6 +225,7 @@ def _html(metrics: dict[str, Any], plots: dict[str, str]) -> str:
             for c, v in steering.get("conditions", {}).items()
         ]
         parts.append(_table(["condition", "steered", "on topic", "fluent", "topic word"], rows))
+        parts.append(_versus(steering.get("conditions", {})))
         if "steering" in plots:
             parts.append(f"<img src='{plots['steering']}' alt='steering'>")
         parts.append("<h3>Example generations</h3>")
