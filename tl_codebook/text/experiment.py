@@ -249,7 +249,7 @@ def _run_phases(
     save()
     lm = metrics["lm"]
     log(
-        f"3/7 with codebooks: loss {lm['codebook_loss']:.3f} (+{lm['delta_loss']:.3f} nats), "
+        f"3/7 with codebooks: loss {lm['codebook_loss']:.3f} ({lm['delta_loss']:+.3f} nats), "
         f"zero-ablated {lm['zero_ablated_loss']:.3f}, gap recovered {lm['ce_loss_recovered']:.3f} "
         f"({metrics['phases']['lm']:.0f}s)"
     )
