@@ -87,7 +87,7 @@ def _versus(conditions: dict[str, Any]) -> str:
     for name, other in conditions.items():
         if name == "codebook" or not isinstance(other.get("steered"), (int, float)):
             continue
-        if not other.get("n"):
+        if not other.get("n"):  # a run from before summaries recorded their trial count
             continue
         diff, se = rate_difference(mine["steered"], mine["n"], other["steered"], other["n"])
         verdict = (
@@ -113,7 +113,7 @@ def _table(headers: list[str], rows: list[list[str]]) -> str:
 
 
 def _html(metrics: dict[str, Any], plots: dict[str, str]) -> str:
-    from tl_codebook.text.experiment import CONTRACT_KEYS
+    from tl_codebook.text.experiment import CONTRACT_KEYS, PRECISE
 
     cfg = metrics.get("config", {})
     parts = [
@@ -166,7 +166,7 @@ def _html(metrics: dict[str, Any], plots: dict[str, str]) -> str:
                     _code(c),
                     _fmt(c.get("precision")),
                     _fmt(c.get("recall")),
-                    _code(precise) if precise else "none",
+                    _code(precise),
                     _fmt(precise.get("precision")) if precise else "",
                     _fmt(precise.get("recall")) if precise else "",
                 ]
@@ -194,7 +194,7 @@ def _html(metrics: dict[str, Any], plots: dict[str, str]) -> str:
                     "best code (F1)",
                     "precision",
                     "recall",
-                    "best code with precision &ge; 0.9 (F1)",
+                    f"best code with precision &ge; {PRECISE} (F1)",
                     "precision",
                     "recall",
                 ],

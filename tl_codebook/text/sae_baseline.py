@@ -55,9 +55,10 @@ def train_topk_sae(
     from tl_codebook.comparisons.store.reader import ActivationStore
 
     bos = model.tokenizer.bos_token_id if model.tokenizer is not None else None
+    store_dir = out_dir / "sae_store"
     with codebooks_disabled(model):
         store = ActivationStore.build(
-            model, train_rows, [hook], out_dir / "sae_store", overwrite=True, progress=progress
+            model, train_rows, [hook], store_dir, overwrite=True, progress=progress
         )
     excluded = [bos] if bos is not None else []
     config = TrainingConfig(
@@ -73,7 +74,7 @@ def train_topk_sae(
         progress=progress,
     )
     method = train_method(MethodSpec(kind="topk"), store, config, save_dir=out_dir / "sae")
-    shutil.rmtree(out_dir / "sae_store")  # the activations (hundreds of MB) are spent
+    shutil.rmtree(store_dir)  # the activations (hundreds of MB) are spent
     return method
 
 
