@@ -25,6 +25,8 @@ def _register_builtin_commands() -> None:
         add_dashboard_command,
         add_search_command,
     )
+    from tl_codebook.circuit_tasks.cli import HELP as CIRCUITS_HELP
+    from tl_codebook.circuit_tasks.cli import add_circuits_command
     from tl_codebook.comparisons.cli import add_compare_command
     from tl_codebook.fsm.cli import add_demo_command
     from tl_codebook.training.cli import add_train_command
@@ -42,6 +44,7 @@ def _register_builtin_commands() -> None:
             "Codebooks vs SAEs (SAELens) on one shared activation cache: train, score, report.",
             add_compare_command,
         ),
+        "circuits": (CIRCUITS_HELP, add_circuits_command),
         "cache": (CACHE_HELP, add_cache_command),
         "search": (SEARCH_HELP, add_search_command),
         "dashboard": (DASHBOARD_HELP, add_dashboard_command),

@@ -3,7 +3,7 @@
 Importing this package registers the SAELens architecture "codebook" (see `saelens`). The
 side-by-side comparison (`store`, `methods`, `metrics`, `compare`, `report`) loads on first use;
 it takes a `tl_codebook.tasks.Task` for concept labels and steering and imports no task itself.
-A comparison with circuit-discovery methods is not written yet.
+The comparison with circuit-discovery methods is the sub-package `circuits`.
 """
 
 from typing import Any
