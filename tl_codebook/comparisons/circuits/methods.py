@@ -348,9 +348,9 @@ def _codes(graph: CircuitGraph, options: MethodOptions) -> tuple[dict, dict, dic
         rows = torch.cat([z_pos[layer][where_pos], z_neg[layer][where_neg]])
         initialise_codebook(codebook, rows, "kmeans", seed=options.seed + layer)
         codebooks.append(codebook)
-        with torch.no_grad():
-            ids_pos = codebook.encode(z_pos[layer][where_pos])[..., 0]
-            ids_neg = codebook.encode(z_neg[layer][where_neg])[..., 0]
+        with torch.no_grad():  # rows flattened to [rows, d_in]: unambiguous with one head
+            ids_pos = codebook.encode(z_pos[layer][where_pos].flatten(1))[..., 0]
+            ids_neg = codebook.encode(z_neg[layer][where_neg].flatten(1))[..., 0]
         for head in range(n_heads):
             codes_pos[f"L{layer}H{head}"] = ids_pos[:, head]
             codes_neg[f"L{layer}H{head}"] = ids_neg[:, head]
