@@ -2,7 +2,7 @@
 against the true circuits, into circuits.json, plots and index.html.
 
 The default (three induction seeds, the compiled program, the one-head model; 50 prompts; the
-node AUROC at 5, 10, 20 and 50 prompts; timings on models of 4 to 32 heads) runs in minutes on
+node AUROC at 5, 10, 20 and 50 prompts; timings on models of 4 to 64 heads) runs in minutes on
 two CPU cores. circuits.json is rewritten after each task, so a killed run keeps what it had
 finished; a finished run is refused unless `--overwrite` (an unfinished one is redone).
 """
@@ -72,7 +72,7 @@ def add_circuits_command(parser: argparse.ArgumentParser) -> None:
         "--scaling-heads",
         nargs="*",
         type=int,
-        default=[2, 4, 8, 16],
+        default=[2, 4, 8, 16, 32],
         help="heads per layer of the timing models (none: skip)",
     )
     parser.add_argument(

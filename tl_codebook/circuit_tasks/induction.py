@@ -324,6 +324,9 @@ def head_scores(
     - "prev": mean attention from t to t-1 (t = 1 .. last);
     - "induction": mean attention from a repeated-half position q to q-half+1, the token that
       followed the earlier occurrence of the current token;
+    - "duplicate": mean attention from a repeated-half position q to q-half, the earlier
+      occurrence of the current token itself (a duplicate-token head; not part of the truth,
+      recorded because such a head reacts to repeats without carrying the prediction);
     - "bos": mean attention to position 0 (a head's resting place when it has nothing to do).
     """
     half = (clean.shape[1] - 1) // 2
@@ -338,6 +341,7 @@ def head_scores(
             scores[head_name(layer, h)] = {
                 "prev": float(p[:, q_all, q_all - 1].mean()),
                 "induction": float(p[:, q_rep, q_rep - half + 1].mean()),
+                "duplicate": float(p[:, q_rep, q_rep - half].mean()),
                 "bos": float(p[:, 1:, 0].mean()),
             }
     return scores

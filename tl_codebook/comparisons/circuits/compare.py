@@ -16,8 +16,10 @@ from tqdm.auto import tqdm
 from tl_codebook.comparisons.circuits.graph import ABLATIONS, CircuitGraph
 from tl_codebook.comparisons.circuits.methods import (
     METHODS,
+    RANDOM_DRAWS,
     CircuitScores,
     MethodOptions,
+    random_scores,
     score_circuit,
 )
 from tl_codebook.comparisons.circuits.scores import (
@@ -162,6 +164,14 @@ def evaluate(
     result = MethodResult(
         task.name, scores.method, scores, task.n, node_auroc, node_pr, edge_auroc, precision, recall
     )
+    for key, other in list(scores.extra.items()):  # alternative node scores (codes: unique)
+        if key.endswith("_scores") and isinstance(other, dict) and nodes_known:
+            scores.extra[f"node_auroc_{key.removesuffix('_scores')}"] = roc_auc(
+                other,
+                task.true_nodes,  # type: ignore[arg-type]
+            )
+    if scores.method == "random" and (nodes_known or edges_known):
+        result.scores.extra.update(_random_expectation(task, graphs, nodes_known, edges_known))
     if faithfulness:
         graphs = (
             graphs if graphs is not None else {a: CircuitGraph.build(task, a) for a in ABLATIONS}
@@ -171,6 +181,33 @@ def evaluate(
             if scores.edges is not None:
                 result.curves.append(faithfulness_curve(graph, scores.edges, "edges"))
     return result
+
+
+def _random_expectation(
+    task: CircuitTask,
+    graphs: dict[str, CircuitGraph] | None,
+    nodes_known: bool,
+    edges_known: bool,
+) -> dict[str, float]:
+    """The chance baseline's expected AUROC and its spread: the mean and standard deviation
+    over `RANDOM_DRAWS` random rankings (one draw on eight heads is noisy: sd near 0.15)."""
+    graph = (graphs or {}).get("resample") or CircuitGraph.build(task)
+    node_values, edge_values = [], []
+    for draw in range(RANDOM_DRAWS):
+        nodes, edges = random_scores(graph, draw)
+        if nodes_known:
+            node_values.append(roc_auc(nodes, task.true_nodes))  # type: ignore[arg-type]
+        if edges_known:
+            edge_values.append(roc_auc(edges, task.true_edges))  # type: ignore[arg-type]
+    out = {}
+    for key, values in (("node_auroc", node_values), ("edge_auroc", edge_values)):
+        if values:
+            mean = sum(values) / len(values)
+            out[f"{key}_over_draws"] = mean
+            out[f"{key}_sd_over_draws"] = math.sqrt(
+                sum((v - mean) ** 2 for v in values) / (len(values) - 1)
+            )
+    return out
 
 
 def check_methods(methods: Iterable[str]) -> list[str]:
@@ -231,6 +268,11 @@ def auroc_by_examples(
                     "node_auroc": result.node_auroc,
                     "edge_auroc": result.edge_auroc,
                     "seconds": result.scores.seconds,
+                    **{
+                        k: v
+                        for k, v in result.scores.extra.items()
+                        if k.startswith("node_auroc_") and isinstance(v, float)
+                    },
                 }
             )
     return rows

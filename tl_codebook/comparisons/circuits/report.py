@@ -5,6 +5,7 @@ index.html that says what each figure means, all from what circuits.json holds.
 from __future__ import annotations
 
 import html
+import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -12,7 +13,7 @@ from typing import Any
 from tl_codebook.analysis.plots import _figure, _save
 from tl_codebook.comparisons.circuits.compare import MethodResult
 from tl_codebook.comparisons.circuits.scores import roc_curve
-from tl_codebook.files import atomic_write_text
+from tl_codebook.files import atomic_write_text, json_ready
 
 COLOURS = {
     "codes": "#d62728",
@@ -37,9 +38,10 @@ def plot_roc(results: Sequence[MethodResult], path: Path, truths: dict[str, Any]
     tasks = {t: rs for t, rs in _by_task(results).items() if rs[0].node_auroc is not None}
     if not tasks:
         return None
-    fig = _figure((4.0 * len(tasks), 3.8))
+    n_rows, n_cols = _panels(len(tasks))
+    fig = _figure((4.2 * n_cols, 3.6 * n_rows))
     for i, (task, members) in enumerate(tasks.items()):
-        ax = fig.add_subplot(1, len(tasks), i + 1)
+        ax = fig.add_subplot(n_rows, n_cols, i + 1)
         for result in members:
             fpr, tpr = roc_curve(result.scores.nodes, truths[task])
             ax.plot(
@@ -62,9 +64,10 @@ def plot_faithfulness(results: Sequence[MethodResult], path: Path) -> Path | Non
     tasks = _by_task(results)
     if not tasks:
         return None
-    fig = _figure((4.0 * len(tasks), 3.8))
+    n_rows, n_cols = _panels(len(tasks))
+    fig = _figure((4.2 * n_cols, 3.6 * n_rows))
     for i, (task, members) in enumerate(tasks.items()):
-        ax = fig.add_subplot(1, len(tasks), i + 1)
+        ax = fig.add_subplot(n_rows, n_cols, i + 1)
         for result in members:
             curve = result.curve("nodes", "resample")
             if curve is None:
@@ -109,27 +112,44 @@ def plot_scaling(rows: Sequence[dict[str, Any]], path: Path) -> Path | None:
     return _save(fig, path)
 
 
+def _panels(n: int) -> tuple[int, int]:
+    """(rows, columns) of a grid of `n` panels, at most three to a row."""
+    columns = min(n, 3)
+    return (n + columns - 1) // columns, columns
+
+
 def plot_examples(rows: Sequence[dict[str, Any]], path: Path) -> Path | None:
-    """Node AUROC against the number of prompts, per method (mean over the tasks given)."""
+    """Node AUROC against the number of prompts, one panel per task family, one line per
+    method (the mean over the family's seeds; random: its expectation over many draws)."""
     rows = [r for r in rows if r["node_auroc"] is not None]
     if not rows:
         return None
-    fig = _figure((5.0, 3.8))
-    ax = fig.add_subplot(1, 1, 1)
-    for method in dict.fromkeys(r["method"] for r in rows):
-        counts = sorted({r["n_examples"] for r in rows if r["method"] == method})
-        means = []
-        for n in counts:
-            values = [
-                r["node_auroc"] for r in rows if r["method"] == method and r["n_examples"] == n
-            ]
-            means.append(sum(values) / len(values))
-        ax.plot(counts, means, marker="o", label=method, color=COLOURS.get(method))
-    ax.axhline(0.5, ls=":", color="black", lw=0.8)
-    ax.set_xscale("log")
-    ax.set_xlabel("prompts")
-    ax.set_ylabel("node AUROC (mean over tasks)")
-    ax.legend(fontsize=7)
+    families = list(dict.fromkeys(r["task"].split("_seed")[0] for r in rows))
+    n_rows, n_cols = _panels(len(families))
+    fig = _figure((4.2 * n_cols, 3.6 * n_rows))
+    for i, family in enumerate(families):
+        ax = fig.add_subplot(n_rows, n_cols, i + 1)
+        mine = [r for r in rows if r["task"].split("_seed")[0] == family]
+        counts = sorted({r["n_examples"] for r in mine})
+        for method in dict.fromkeys(r["method"] for r in mine):
+            means = []
+            for n in counts:
+                values = [
+                    r.get("node_auroc_over_draws", r["node_auroc"])
+                    for r in mine
+                    if r["method"] == method and r["n_examples"] == n
+                ]
+                means.append(sum(values) / len(values))
+            ax.plot(counts, means, marker="o", label=method, color=COLOURS.get(method))
+        ax.axhline(0.5, ls=":", color="black", lw=0.8)
+        ax.set_xscale("log")
+        ax.set_xticks(counts, [str(c) for c in counts])
+        ax.minorticks_off()
+        ax.set_ylim(-0.02, 1.02)
+        ax.set_title(family, fontsize=9)
+        ax.set_xlabel("prompts")
+        ax.set_ylabel("node AUROC")
+        ax.legend(fontsize=6)
     return _save(fig, path)
 
 
@@ -145,6 +165,78 @@ def _table(headers: list[str], rows: list[list[Any]]) -> str:
     head = "".join(f"<th>{html.escape(h)}</th>" for h in headers)
     body = "".join("<tr>" + "".join(f"<td>{_fmt(c)}</td>" for c in row) + "</tr>" for row in rows)
     return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def _family(task: str) -> str:
+    return task.split("_seed")[0]
+
+
+def _findings(data: dict[str, Any]) -> str:
+    """Sentences computed from the rows: per task family, the codes method's node AUROC against
+    the best other method's, its time against ACDC's, and the chance baseline's expectation."""
+    items = []
+    rows = data["rows"]
+    for family in dict.fromkeys(_family(r["task"]) for r in rows):
+        mine = [r for r in rows if _family(r["task"]) == family]
+
+        def mean(method: str, key: str, members: list[dict[str, Any]] = mine) -> float | None:
+            values = [r[key] for r in members if r["method"] == method and r.get(key) is not None]
+            return sum(values) / len(values) if values else None
+
+        codes = mean("codes", "node_auroc")
+        if codes is None:
+            continue
+        others = {
+            m: v
+            for m in dict.fromkeys(r["method"] for r in mine)
+            if m not in ("codes", "random") and (v := mean(m, "node_auroc")) is not None
+        }
+        text = f"<b>{html.escape(family)}</b>: codes node AUROC {codes:.2f}"
+        unique = mean("codes", "node_auroc_unique")
+        if unique is not None:
+            text += f" (O'Neill &amp; Bui's unique-code count: {unique:.2f})"
+        if others:
+            best = max(others, key=others.__getitem__)
+            text += f"; best other method {best} {others[best]:.2f}"
+        codes_s, acdc_s = mean("codes", "seconds"), mean("acdc", "seconds")
+        if codes_s is not None and acdc_s:
+            text += f"; codes took {codes_s / acdc_s:.2f}&times; ACDC's time"
+        chance = mean("random", "node_auroc_over_draws")
+        if chance is not None:
+            text += (
+                f"; random {mean('random', 'node_auroc'):.2f} for this run's draw, "
+                f"{chance:.2f} on average over many draws"
+            )
+        items.append(f"<li>{text}.</li>")
+    return f"<ul>{''.join(items)}</ul>"
+
+
+def _notes_html(notes: Any, truth: Any) -> str:
+    """A task's notes as HTML: per-head score tables as tables (with a column saying which
+    heads the truth holds), lists as lists, anything else as JSON text."""
+    if not isinstance(notes, dict):
+        return f"<pre>{html.escape(json.dumps(json_ready(notes), indent=1))}</pre>"
+    parts = []
+    for key, value in notes.items():
+        label = html.escape(key.replace("_", " "))
+        if key == "head_scores" and isinstance(value, dict):
+            fields = sorted({f for scores in value.values() for f in scores})
+            rows = [
+                [head, *[scores.get(f) for f in fields], "yes" if truth and head in truth else ""]
+                for head, scores in value.items()
+            ]
+            parts.append(f"<p>{label}:</p>" + _table(["head", *fields, "in truth"], rows))
+        elif isinstance(value, list):
+            items = "".join(f"<li>{html.escape(str(v))}</li>" for v in value) or "<li>none</li>"
+            parts.append(f"<p>{label}:</p><ul>{items}</ul>")
+        elif isinstance(value, dict):
+            text = json.dumps(json_ready(value, digits=4), indent=1)
+            parts.append(
+                f"<details><summary>{label}</summary><pre>{html.escape(text)}</pre></details>"
+            )
+        else:
+            parts.append(f"<p>{label}: {html.escape(str(value))}</p>")
+    return "".join(parts)
 
 
 COLUMNS = [
@@ -200,8 +292,8 @@ def write_report(
         for s in summary
     ]
     notes = "".join(
-        f"<h3>{html.escape(task)}</h3><pre>{html.escape(str(text))}</pre>"
-        for task, text in data.get("task_notes", {}).items()
+        f"<h3>{html.escape(task)}</h3>{_notes_html(task_notes, truths.get(task))}"
+        for task, task_notes in data.get("task_notes", {}).items()
     )
 
     def img(key: str, caption: str) -> str:
@@ -231,6 +323,7 @@ positive (clean) and negative prompts. A head that acts alike on both, such as a
 head whose output is the same kind of thing whether or not the sequence repeats, scores near
 zero however much the circuit needs it. The patching and attribution methods see such heads,
 since they measure effects on the metric.</p>
+<h2>What the numbers say</h2>{_findings(data)}
 <h2>Every task and method</h2>{_table(COLUMNS, rows)}
 <h2>Over seeds (mean ± standard deviation)</h2>{
         _table(
