@@ -24,6 +24,7 @@ from tl_codebook.comparisons.circuits.compare import (
     check_methods,
     compare_methods,
     summarize,
+    task_family,
 )
 from tl_codebook.comparisons.circuits.methods import METHODS, MethodOptions
 from tl_codebook.comparisons.circuits.report import write_report
@@ -153,7 +154,7 @@ def run_circuits(
             counts = sorted(c for c in example_counts if c <= task.n)
             data["examples"].extend(auroc_by_examples(task, counts, methods, options))
         _save(out, data, start)
-    data["summary"] = summarize(data["rows"], _family)
+    data["summary"] = summarize(data["rows"], task_family)
     if scaling_heads:
         data["scaling"] = time_against_heads(scaling_heads, methods, options)
     write_report(out, data, results, truths)
@@ -169,11 +170,6 @@ def _finished(path: Path) -> bool:
         return bool(json.loads(path.read_text()).get("finished"))
     except (OSError, ValueError, AttributeError):
         return False
-
-
-def _family(task: str) -> str:
-    """The task family of a task name (its seeds grouped): "induction_seed1" -> "induction"."""
-    return task.split("_seed")[0]
 
 
 def _save(out: Path, data: dict[str, Any], start: float) -> None:

@@ -6,7 +6,7 @@ for one's own model and task.
 
 from __future__ import annotations
 
-import math
+import statistics
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -202,11 +202,8 @@ def _random_expectation(
     out = {}
     for key, values in (("node_auroc", node_values), ("edge_auroc", edge_values)):
         if values:
-            mean = sum(values) / len(values)
-            out[f"{key}_over_draws"] = mean
-            out[f"{key}_sd_over_draws"] = math.sqrt(
-                sum((v - mean) ** 2 for v in values) / (len(values) - 1)
-            )
+            out[f"{key}_over_draws"] = statistics.mean(values)
+            out[f"{key}_sd_over_draws"] = statistics.stdev(values)
     return out
 
 
@@ -278,6 +275,12 @@ def auroc_by_examples(
     return rows
 
 
+def task_family(task: str) -> str:
+    """The family of a task name, its seeds grouped: "induction_seed1" -> "induction" (what
+    the summary and the report's per-family figures group by)."""
+    return task.split("_seed")[0]
+
+
 def summarize(rows: list[dict[str, Any]], group: Callable[[str], str]) -> list[dict[str, Any]]:
     """Mean and standard deviation of each numeric field over the rows whose task falls in the
     same `group(task)` (e.g. the seeds of one task), per method."""
@@ -290,9 +293,7 @@ def summarize(rows: list[dict[str, Any]], group: Callable[[str], str]) -> list[d
         for key in ("node_auroc", "edge_auroc", "cpr", "cmd", "seconds"):
             values = [m[key] for m in members if m.get(key) is not None]
             if values:
-                mean = sum(values) / len(values)
-                var = sum((v - mean) ** 2 for v in values) / max(len(values) - 1, 1)
-                summary[f"{key}_mean"] = mean
-                summary[f"{key}_sd"] = math.sqrt(var) if len(values) > 1 else 0.0
+                summary[f"{key}_mean"] = statistics.mean(values)
+                summary[f"{key}_sd"] = statistics.stdev(values) if len(values) > 1 else 0.0
         out.append(summary)
     return out

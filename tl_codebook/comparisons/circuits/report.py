@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from tl_codebook.analysis.plots import _figure, _save
-from tl_codebook.comparisons.circuits.compare import MethodResult
+from tl_codebook.comparisons.circuits.compare import MethodResult, task_family
 from tl_codebook.comparisons.circuits.scores import roc_curve
 from tl_codebook.files import atomic_write_text, json_ready
 
@@ -124,12 +124,12 @@ def plot_examples(rows: Sequence[dict[str, Any]], path: Path) -> Path | None:
     rows = [r for r in rows if r["node_auroc"] is not None]
     if not rows:
         return None
-    families = list(dict.fromkeys(r["task"].split("_seed")[0] for r in rows))
+    families = list(dict.fromkeys(task_family(r["task"]) for r in rows))
     n_rows, n_cols = _panels(len(families))
     fig = _figure((4.2 * n_cols, 3.6 * n_rows))
     for i, family in enumerate(families):
         ax = fig.add_subplot(n_rows, n_cols, i + 1)
-        mine = [r for r in rows if r["task"].split("_seed")[0] == family]
+        mine = [r for r in rows if task_family(r["task"]) == family]
         counts = sorted({r["n_examples"] for r in mine})
         for method in dict.fromkeys(r["method"] for r in mine):
             means = []
@@ -167,17 +167,13 @@ def _table(headers: list[str], rows: list[list[Any]]) -> str:
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
-def _family(task: str) -> str:
-    return task.split("_seed")[0]
-
-
 def _findings(data: dict[str, Any]) -> str:
     """Sentences computed from the rows: per task family, the codes method's node AUROC against
     the best other method's, its time against ACDC's, and the chance baseline's expectation."""
     items = []
     rows = data["rows"]
-    for family in dict.fromkeys(_family(r["task"]) for r in rows):
-        mine = [r for r in rows if _family(r["task"]) == family]
+    for family in dict.fromkeys(task_family(r["task"]) for r in rows):
+        mine = [r for r in rows if task_family(r["task"]) == family]
 
         def mean(method: str, key: str, members: list[dict[str, Any]] = mine) -> float | None:
             values = [r[key] for r in members if r["method"] == method and r.get(key) is not None]
