@@ -318,7 +318,8 @@ that every method but codes reads.</p>
 positive (clean) and negative prompts. A head that acts alike on both, such as a previous-token
 head whose output is the same kind of thing whether or not the sequence repeats, scores near
 zero however much the circuit needs it. The patching and attribution methods see such heads,
-since they measure effects on the metric.</p>
+since they measure effects on the metric. The converse holds too: a head that reacts to the
+task without carrying it (a duplicate-token head beside an induction circuit) can score high.</p>
 <h2>What the numbers say</h2>{_findings(data)}
 <h2>Every task and method</h2>{_table(COLUMNS, rows)}
 <h2>Over seeds (mean ± standard deviation)</h2>{
