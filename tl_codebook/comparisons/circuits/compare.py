@@ -70,8 +70,8 @@ def faithfulness_curve(
     def mask(kept: list[str]) -> Any:
         return graph.mask_of_nodes(kept) if level == "nodes" else graph.mask_of_edges(kept)
 
-    m_full = graph.metric()
-    m_empty = graph.metric(mask([]))
+    m_full = graph.baseline("full")
+    m_empty = graph.baseline("input_only" if level == "nodes" else "empty")
     sizes = [circuit_size(f, len(order)) for f in fractions]
     seen: dict[int, float] = {}
     values = []
@@ -254,9 +254,8 @@ def auroc_by_examples(
         small = task.subset(n)
         graph = CircuitGraph.build(small)
         for method in chosen:
-            result = evaluate(
-                small, score_circuit(small, method, graph, options), faithfulness=False
-            )
+            scores = score_circuit(small, method, graph, options)
+            result = evaluate(small, scores, {"resample": graph}, faithfulness=False)
             rows.append(
                 {
                     "task": task.name,

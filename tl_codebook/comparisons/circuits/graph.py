@@ -66,6 +66,7 @@ class CircuitGraph:
     ablated: Float[Tensor, "n_senders batch pos d_model"]
     clean_outputs: Float[Tensor, "n_senders batch pos d_model"]
     passes: PassCounter = field(default_factory=PassCounter)
+    _baselines: dict[str, float] = field(default_factory=dict, repr=False)
 
     @classmethod
     def build(cls, task: CircuitTask, ablation: str = "resample") -> CircuitGraph:
@@ -131,6 +132,16 @@ class CircuitGraph:
         """The task metric averaged over prompts, with only the edges in `keep` (None: all)."""
         with torch.no_grad():
             return float(self.per_prompt_metric(keep).mean())
+
+    def baseline(self, which: str) -> float:
+        """The metric of a reference circuit, run once per graph and reused by every
+        faithfulness curve: "full" (the model), "input_only" (every head ablated: the node
+        level's empty circuit) or "empty" (every edge ablated: the edge level's)."""
+        masks = {"full": None, "input_only": self.mask_of_nodes([]), "empty": self.empty()}
+        check_choice("baseline circuit", which, tuple(masks))
+        if which not in self._baselines:
+            self._baselines[which] = self.metric(masks[which])
+        return self._baselines[which]
 
     def per_prompt_metric(
         self, keep: Bool[Tensor, "n_senders n_receivers"] | None = None
